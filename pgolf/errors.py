@@ -1,0 +1,64 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad recipe, missing data, an unknown technique) raises
+`PgolfError`. The CLI prints its message as one paragraph and exits non-zero without a
+traceback; `--debug` shows the traceback. Bugs in pgolf stay ordinary exceptions.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PgolfError(Exception):
+    """An error the user can fix; the message says where, what was expected and what to try."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        key: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        self.key = key
+        self.hint = hint
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        where = []
+        if self.file:
+            where.append(f"{self.file}" + (f", line {self.line}" if self.line else ""))
+        if self.key:
+            where.append(f"key '{self.key}'")
+        text = (": ".join([", ".join(where), self.message]) if where else self.message).rstrip()
+        if self.hint:
+            text = text.rstrip(".") + ". " + self.hint
+        return text
+
+
+class ConfigError(PgolfError):
+    """A recipe or override is wrong."""
+
+
+class DataError(PgolfError):
+    """Shards, tokenizer or text inputs are missing or corrupt."""
+
+
+class RegistryError(PgolfError):
+    """Techniques cannot be combined, found or ordered."""
+
+
+class TrainingError(PgolfError):
+    """Training diverged (NaN loss) or could not start."""
+
+
+def suggest(name: str, choices: Iterable[str]) -> str | None:
+    """'Did you mean ...?' for the closest valid name, or None when nothing is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f"Did you mean '{close[0]}'?" if close else None

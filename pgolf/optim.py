@@ -1,0 +1,142 @@
+"""Muon (Newton-Schulz orthogonalised momentum) for block matrices, Adam for the rest.
+
+Faithful to train_gpt.py: 5 Newton-Schulz steps with (3.4445, -4.7750, 2.0315), Nesterov
+momentum, the `max(1, rows/cols)**0.5` scale, and the work split round-robin over ranks with
+one all-reduce of the flattened updates. Options from the record stack: decoupled weight decay
+(``p *= 1 - lr*wd``) and MuonEq-R (each row of the update normalised before Newton-Schulz).
+On CPU the iteration runs in float32 (bf16 matmuls are ~100x slower there).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pgolf.model import CONTROL_TENSOR_NAME_PATTERNS
+from pgolf.recipe import OptimConfig
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 10, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalise a 2-D update (bf16 on CUDA, fp32 elsewhere)."""
+    a, b, c = NS_COEFFS
+    X = G.bfloat16() if G.is_cuda else G.float()
+    X = X / (X.norm() + eps)
+    transposed = G.size(0) > G.size(1)
+    if transposed:
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    return X.T if transposed else X
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: list[Tensor],
+        lr: float,
+        momentum: float,
+        backend_steps: int,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        row_normalize: bool = False,
+    ) -> None:
+        defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
+                        weight_decay=weight_decay, row_normalize=row_normalize)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size = dist.get_world_size() if distributed else 1
+        rank = dist.get_rank() if distributed else 0
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            lr, momentum = group["lr"], group["momentum"]
+            update_dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
+            total = sum(int(p.numel()) for p in params)
+            updates_flat = torch.zeros(total, device=params[0].device, dtype=update_dtype)
+            curr = 0
+            for i, p in enumerate(params):
+                if i % world_size == rank and p.grad is not None:
+                    g = p.grad
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(g)
+                    buf = state["momentum_buffer"]
+                    buf.mul_(momentum).add_(g)
+                    if group["nesterov"]:
+                        g = g.add(buf, alpha=momentum)
+                    if group["row_normalize"]:
+                        g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
+                    g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"])
+                    g = g * max(1, g.size(0) / g.size(1)) ** 0.5
+                    updates_flat[curr : curr + p.numel()] = g.reshape(-1)
+                curr += p.numel()
+            if distributed:
+                dist.all_reduce(updates_flat, op=dist.ReduceOp.SUM)
+            curr = 0
+            wd = group["weight_decay"]
+            for p in params:
+                g = updates_flat[curr : curr + p.numel()].view_as(p).to(dtype=p.dtype)
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.add_(g, alpha=-lr)
+                curr += p.numel()
+        return loss
+
+
+def _adam(params: list[Tensor], lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
+    fused = bool(params) and params[0].is_cuda
+    cls = torch.optim.AdamW if cfg.adam_weight_decay else torch.optim.Adam
+    kwargs = {"weight_decay": cfg.adam_weight_decay} if cfg.adam_weight_decay else {}
+    return cls([{"params": params, "lr": lr, "base_lr": lr}], betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+               fused=fused, **kwargs)
+
+
+def split_parameters(model: nn.Module) -> dict[str, list[Tensor]]:
+    """The baseline's split: block matrices -> Muon; embedding, head, everything else -> Adam."""
+    groups: dict[str, list[Tensor]] = {"matrix": [], "scalar": [], "token": [], "head": []}
+    for name, p in model.named_parameters():
+        if name == "tok_emb.weight":
+            groups["token"].append(p)
+        elif name == "lm_head.weight":
+            groups["head"].append(p)
+        elif (name.startswith(("blocks.", "extra_blocks.")) and p.ndim == 2
+              and not any(pat in name for pat in CONTROL_TENSOR_NAME_PATTERNS)):
+            groups["matrix"].append(p)
+        else:
+            groups["scalar"].append(p)
+    return groups
+
+
+def build_optimizers(model: nn.Module, cfg: OptimConfig, tie_embeddings: bool) -> list[torch.optim.Optimizer]:
+    groups = split_parameters(model)
+    token_lr = cfg.tied_embed_lr if tie_embeddings else cfg.embed_lr
+    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
+                weight_decay=cfg.muon_weight_decay, row_normalize=cfg.muon_row_normalize)
+    for group in muon.param_groups:
+        group["base_lr"] = cfg.matrix_lr
+    optimizers: list[torch.optim.Optimizer] = [_adam(groups["token"], token_lr, cfg), muon,
+                                               _adam(groups["scalar"], cfg.scalar_lr, cfg)]
+    if groups["head"]:
+        optimizers.insert(1, _adam(groups["head"], cfg.head_lr, cfg))
+    return optimizers
+
+
+def muon_momentum_at(step: int, cfg: OptimConfig) -> float:
+    """Linear momentum warmup from `muon_momentum_warmup_start` over the first steps."""
+    if cfg.muon_momentum_warmup_steps <= 0:
+        return cfg.muon_momentum
+    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0)
+    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
