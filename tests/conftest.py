@@ -23,7 +23,7 @@ MICRO = [
     "model.num_layers=2", "model.model_dim=64", "model.num_heads=2", "model.num_kv_heads=1",
     "train.seq_len=64", "train.batch_tokens=1024", "train.warmup_steps=1", "train.iterations=3",
     "train.max_wallclock_seconds=0", "train.log_every=1", "eval.batch_tokens=4096", "eval.max_tokens=4097",
-    "eval.audit_positions=4",
+    "eval.audit_positions=4", "export.keep_float_max_numel=1024",
 ]
 
 
