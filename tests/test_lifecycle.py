@@ -12,6 +12,7 @@ from pgolf.errors import RegistryError, TrainingError
 from pgolf.evalonly import evaluate_target, infer_model_fields
 from pgolf.lifecycle import run_recipe
 from pgolf.registry import Technique
+from tests.conftest import MICRO
 from pgolf.reporter import Reporter
 
 M = "tests.test_lifecycle"
@@ -68,9 +69,8 @@ def test_a_challenge_style_checkpoint_is_exported_and_scored(baseline_run, tmp_p
     state = torch.load(out / "final_model.pt", weights_only=True)
     fields = infer_model_fields(state)
     assert (fields["num_layers"], fields["model_dim"], fields["num_heads"], fields["num_kv_heads"]) == (2, 64, 2, 1)
-    scored = evaluate_target(out / "final_model.pt", recipe=None, scale="tiny",
-                             overrides=["eval.max_tokens=4097", "eval.batch_tokens=4096", "train.seq_len=64"],
-                             out_dir=tmp_path, log=lambda m: None)
+    scored = evaluate_target(out / "final_model.pt", recipe=None, scale="tiny", overrides=MICRO, out_dir=tmp_path,
+                             log=lambda m: None)
     assert scored["val_bpb_prequant"] == pytest.approx(result["val_bpb_prequant"], rel=1e-9)
     assert scored["val_bpb"] == pytest.approx(result["val_bpb"], rel=1e-9)
     assert (tmp_path / "result.json").is_file()
