@@ -31,6 +31,8 @@ returning a value, and the baseline is simply "no techniques enabled"::
     # export -------------------------------------------------------------------------
     pgolf_on_export_start(model, ctx)                    # calibration (GPTQ Hessians), charged to
                                                          # the training budget via the reserve
+        w = pgolf_contribute_calibration_weights(input_ids, ctx)   # called by gptq per batch:
+                                                         # per-position Hessian row weights
     for name, tensor in state_dict:
         spec = host default QuantSpec
         pgolf_on_quant_spec(name, tensor, spec, ctx)     # bits, clip, row split (ordered)
@@ -211,7 +213,19 @@ def pgolf_on_export_start(model: nn.Module, ctx: RunContext) -> None:
     Reading training shards here is legal only inside the training budget: the host charges
     this hook's time to training, and techniques that use it declare a reserve with
     ``pgolf_contribute_train_reserve_seconds``. Validation data is never reachable from here.
-    Used by: gptq, freq_weighting (counts on training shards).
+    Used by: gptq, freq_weighting (counts on training shards), sdclip (mode: target keeps the
+    state it searches over).
+    """
+
+
+@hookspec
+def pgolf_contribute_calibration_weights(input_ids: torch.Tensor, ctx: RunContext) -> torch.Tensor | None:
+    """Return per-position weights, shaped like ``input_ids`` [batch, seq], for one calibration batch.
+
+    Called by the technique that collects GPTQ Hessians (not by the host), once per calibration
+    batch: every input row X_t of every quantized layer enters ``H += w_t * X_t^T X_t``, so a
+    weight of 2 counts that position twice. Contributions are multiplied together.
+    Called by: gptq. Used by: freq_weighting (mode: hessian).
     """
 
 

@@ -164,13 +164,17 @@ class Session:
         """A freshly initialised model with every structure-changing technique applied."""
         model = self.hook.pgolf_provide_model(ctx=self.ctx)
         self.hook.pgolf_on_model_built(model=model, ctx=self.ctx)
+        return prepare_for_device(model, self.device)
+
+    def attach_loss_weights(self, model: nn.Module) -> None:
+        """Per-token training loss weights (frequency weighting). Only training reads them, so a
+        decoded artifact never asks for them (they may come from training-shard statistics)."""
         weights = [w for w in self.hook.pgolf_contribute_loss_weights(ctx=self.ctx) if w is not None]
         if weights:
             total = torch.ones(self.recipe.model.vocab_size)
             for w in weights:
                 total = total * w.float().cpu()
-            model.loss_weights = total
-        return prepare_for_device(model, self.device)
+            model.loss_weights = total.to(self.device)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         setting = self.recipe.train.compile
@@ -191,6 +195,7 @@ class Session:
         self.reporter.stage("train")
         seed_everything(r.seed)
         model = self.new_model()
+        self.attach_loss_weights(model)
         optimizers = self.hook.pgolf_provide_optimizers(model=model, ctx=ctx)
         ctx.train_reserve_seconds = float(sum(x for x in self.hook.pgolf_contribute_train_reserve_seconds(ctx=ctx) if x))
         params = sum(p.numel() for p in model.parameters())

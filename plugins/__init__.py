@@ -5,4 +5,10 @@ recipe names the technique; third-party techniques register the same way through
 point group ``pgolf.techniques``.
 """
 
-BUILTINS: dict[str, str] = {}
+BUILTINS: dict[str, str] = {
+    "codec": "pgolf_plugins.codec:Codec",
+    "freq_weighting": "pgolf_plugins.freq_weighting:FreqWeighting",
+    "gptq": "pgolf_plugins.gptq:GPTQ",
+    "sandwich_quant": "pgolf_plugins.sandwich_quant:SandwichQuant",
+    "sdclip": "pgolf_plugins.sdclip:SDClip",
+}
