@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -227,6 +227,22 @@ def factorize(hessian: Tensor, damp: float = 0.01, act_order: bool = True) -> GP
     return GPTQFactor(perm=perm, inv_perm=torch.argsort(perm), dead=dead, upper=upper)
 
 
+@contextlib.contextmanager
+def single_threaded_on_cpu(device: torch.device) -> Iterator[None]:
+    """The column loop is thousands of vector ops of a few hundred elements: intra-op threads only
+    add synchronisation (on a busy 2-core machine they made it 100x slower), so the CPU loop runs
+    on one thread and restores the setting afterwards."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def gptq_codes(
     weight: Tensor,
     factor: GPTQFactor,
@@ -239,33 +255,35 @@ def gptq_codes(
 
     Each column is rounded (after clipping to ±`clip` per row, as round-to-nearest does), and its
     error, divided by the factor's diagonal, is subtracted from the later columns along that
-    factor row: within a block at once, across blocks in one matrix product.
+    factor row: within a block at once, across blocks in one matrix product. The work is done on
+    the transpose, so every column is a contiguous vector.
     """
     device = factor.upper.device
-    w = weight.detach().to(device=device, dtype=torch.float32)[:, factor.perm].clone()
-    w[:, factor.dead[factor.perm]] = 0
-    rows, cols = w.shape
+    w = weight.detach().to(device=device, dtype=torch.float32)[:, factor.perm].t().contiguous()  # [cols, rows]
+    w[factor.dead[factor.perm]] = 0
+    cols, rows = w.shape
     s = scale.to(device=device, dtype=torch.float32)
     r = row_qmax.to(device=device, dtype=torch.float32)
     c = clip.to(device=device, dtype=torch.float32) if clip is not None else None
-    codes = torch.zeros(rows, cols, dtype=torch.float32, device=device)
+    codes = torch.empty(cols, rows, dtype=torch.float32, device=device)
     u = factor.upper
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        block = w[:, i1:i2].clone()
-        errs = torch.zeros(rows, i2 - i1, dtype=torch.float32, device=device)
-        ub = u[i1:i2, i1:i2]
-        for j in range(i2 - i1):
-            col = block[:, j]
-            target = torch.maximum(torch.minimum(col, c), -c) if c is not None else col
-            q = torch.minimum(torch.maximum(torch.round(target / s), -r), r)
-            codes[:, i1 + j] = q
-            err = (col - q * s) / ub[j, j]
-            block[:, j:] -= err[:, None] * ub[j, j:][None, :]
-            errs[:, j] = err
-        if i2 < cols:
-            w[:, i2:] -= errs @ u[i1:i2, i2:]
-    return codes[:, factor.inv_perm].to(torch.int8).cpu()
+    with single_threaded_on_cpu(device):
+        for i1 in range(0, cols, block_size):
+            i2 = min(i1 + block_size, cols)
+            block = w[i1:i2]  # a view: updates land in w
+            errs = torch.empty(i2 - i1, rows, dtype=torch.float32, device=device)
+            ub = u[i1:i2, i1:i2]
+            for j in range(i2 - i1):
+                col = block[j]
+                target = torch.clamp(col, -c, c) if c is not None else col
+                q = torch.clamp(torch.round(target / s), -r, r)
+                codes[i1 + j] = q
+                err = (col - q * s) / ub[j, j]
+                errs[j] = err
+                block[j + 1 :].addr_(ub[j, j + 1 :], err, alpha=-1.0)
+            if i2 < cols:
+                w[i2:].addmm_(u[i1:i2, i2:].t(), errs, alpha=-1.0)
+    return codes.t()[:, factor.inv_perm].to(torch.int8).cpu().contiguous()
 
 
 def spec_scales(w32: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
