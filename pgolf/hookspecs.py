@@ -99,7 +99,7 @@ def pgolf_contribute_config_errors(ctx: RunContext) -> list[str] | None:
 
     Each string is one complete sentence; the run stops before data or training if any is
     returned. Used by: casefold (needs a byte sidecar), gptq (needs a budget reserve on
-    wallclock runs), ttt.
+    wallclock runs), sdclip and freq_weighting (modes that need gptq), ttt.
     """
 
 
@@ -157,7 +157,8 @@ def pgolf_provide_optimizers(model: nn.Module, ctx: RunContext) -> list[Any] | N
 def pgolf_contribute_train_reserve_seconds(ctx: RunContext) -> float | None:
     """Return seconds to take off the training wallclock for work charged to training time.
 
-    Used by: gptq (Hessian calibration on training shards must finish inside the 600 s).
+    Used by: gptq (Hessian calibration on training shards must finish inside the 600 s),
+    freq_weighting (token counts on training shards at export).
     """
 
 
@@ -288,7 +289,7 @@ def pgolf_on_scores(scores: TokenScores, ctx: RunContext) -> None:
 
 @hookspec
 def pgolf_contribute_metrics(ctx: RunContext) -> dict[str, Any] | None:
-    """Return extra metrics for result.json (collected). Used by: ttt, ppm, gptq."""
+    """Return extra metrics for result.json (collected). Used by: ttt, ppm, gptq, sdclip."""
 
 
 @hookspec

@@ -102,10 +102,6 @@ class HessianCollector:
             handle.remove()
         self._handles.clear()
 
-    def mean_hessians(self) -> dict[str, Tensor]:
-        """H divided by the (weighted) number of rows; GPTQ is invariant to this scale."""
-        return {name: h / max(self.rows[name], 1e-12) for name, h in self.hessians.items()}
-
 
 def collect_hessians(
     model: nn.Module,

@@ -46,6 +46,7 @@ def test_identity_hessian_equals_round_to_nearest_with_the_same_scales():
     w = torch.randn(48, 300)
     spec = sigma_spec(k=2.5)  # small k so clipping happens too
     spec.row_groups.append((torch.tensor([3, 7]), 8))
+    spec.row_scale = torch.linspace(0.8, 1.2, 48)  # a per-row clip factor (Hessian-aware SDClip) is honoured
     scale16, row_qmax, clip, bits = spec_scales(w, spec)
     codes = gptq_codes(w, factorize(torch.eye(300)), scale16.float(), row_qmax, clip, block_size=128)
     expected = torch.empty_like(codes)
@@ -55,6 +56,7 @@ def test_identity_hessian_equals_round_to_nearest_with_the_same_scales():
         expected[rows] = quantize_rows(clipped, scale16.float()[rows], b)
     assert torch.equal(codes, expected)
     assert codes[3].abs().max() > 31  # the int8 rows really use their wider range
+    torch.testing.assert_close(clip, 2.5 * w.std(dim=1) * spec.row_scale)
 
 
 def test_output_is_invariant_to_scaling_the_hessian():
