@@ -243,6 +243,37 @@ def data_text(
     guarded(debug, body)
 
 
+@data_app.command("fineweb")
+def data_fineweb(
+    variant: str = typer.Option("sp1024", help="Tokenizer family of the export: sp1024 or sp8192."),
+    train_shards: int = typer.Option(80, help="Training shards to fetch (100M tokens each; the first N of the frozen order)."),
+    out: Path | None = typer.Option(None, help="Output directory (default: data/fineweb10B_<variant>)."),
+    repo_id: str = typer.Option("willdepueoai/parameter-golf", help="Hugging Face dataset repository of the export."),
+    revision: str | None = typer.Option(None, help="Branch, tag or commit of --repo-id."),
+    local_repo: Path | None = typer.Option(None, help="Copy from a local directory laid out like the repository instead."),
+    remote_root: str = typer.Option("datasets", help="Folder of the repository that holds manifest.json."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Fetch the challenge's cached FineWeb shards and tokenizer (checked, resumable)."""
+
+    def body() -> None:
+        from pgolf.fineweb import dataset_name, fetch_fineweb, source_for
+
+        target = out or Path("data") / dataset_name(variant)
+        source = source_for(repo_id, local_repo, revision)
+        console.print(f"[bold]pgolf data fineweb[/] {dataset_name(variant)} from {source.description} -> {target}")
+        report = fetch_fineweb(source, target, variant=variant, train_shards=train_shards, remote_root=remote_root,
+                               log=console.print)
+        m = report.manifest
+        console.print(f"{len(report.fetched)} file(s) fetched, {len(report.skipped)} already complete; "
+                      f"{m['val_shards']} validation shard(s) ({m['tokens_val']:,} tokens), {m['train_shards']} training "
+                      f"shard(s) ({m['tokens_train']:,} tokens), tokenizer {report.tokenizer.name}")
+        vocab = "" if report.vocab_size == 1024 else f" --set model.vocab_size={report.vocab_size}"
+        console.print(f"run with: pgolf run recipes/best.yaml --data {target}{vocab}", highlight=False)
+
+    guarded(debug, body)
+
+
 def main() -> None:
     app(prog_name="pgolf")
 

@@ -49,7 +49,7 @@ class BuiltDataset:
     manifest: dict
 
 
-def _write_manifest(directory: Path, manifest: dict) -> None:
+def write_manifest(directory: Path, manifest: dict) -> None:
     tmp = directory / (DATASET_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, directory / DATASET_MANIFEST)
@@ -190,5 +190,5 @@ def build_dataset(
         "val_original_bytes": int(sum(len(d.encode("utf-8")) for d in val_docs)),
         "val_docs_sha1": hashlib.sha1("\x00".join(val_docs).encode("utf-8")).hexdigest(),
     }
-    _write_manifest(out, manifest)
+    write_manifest(out, manifest)
     return BuiltDataset(out, model_path, manifest)
