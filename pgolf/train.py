@@ -91,6 +91,15 @@ def lr_multiplier(step: int, elapsed_s: float, cfg: TrainConfig, cap_s: float | 
     return max(scale, cfg.min_lr_scale)
 
 
+def mean_over_ranks(value: torch.Tensor, ctx: RunContext) -> float:
+    """The global mean of a per-rank scalar (each rank's loss covers only its share of the batch)."""
+    if not ctx.dist.enabled:
+        return float(value.item())
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return float(total.item()) / ctx.dist.world_size
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -211,7 +220,7 @@ def train(
         approx = train_s + time.perf_counter() - t0
         should_log = cfg.log_every > 0 and (step <= 10 or step % cfg.log_every == 0)
         if step % check_every == 0 or should_log:
-            last_loss = float(loss_t.item())
+            last_loss = mean_over_ranks(loss_t, ctx)
             if not math.isfinite(last_loss):
                 raise TrainingError(f"training loss became {last_loss} at step {step}",
                                     hint="Lower the learning rates (optim.*_lr) or enable gradient clipping (train.grad_clip_norm).")
@@ -234,7 +243,7 @@ def train(
     _sync(device)
     train_s += time.perf_counter() - t0
     if step:
-        last_loss = float(loss_t.item())
+        last_loss = mean_over_ranks(loss_t, ctx)
         if not math.isfinite(last_loss):
             raise TrainingError(f"training loss became {last_loss} by step {step}",
                                 hint="Lower the learning rates (optim.*_lr) or enable gradient clipping.")
