@@ -208,7 +208,9 @@ def fetch_fineweb(
             manifest_path.unlink()
             record = {"source": source.description, "remote_root": remote_root, "dataset": dataset,
                       "manifest": remote_manifest}
-            (out / SOURCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            staged = out / (SOURCE_FILE + ".tmp")
+            staged.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+            os.replace(staged, out / SOURCE_FILE)
         remote_manifest = record["manifest"]
         entry = next((d for d in remote_manifest.get("datasets", []) if d.get("name") == dataset), None)
         if entry is None:
