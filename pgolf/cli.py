@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -39,7 +40,7 @@ def guarded(debug: bool, fn: Callable[[], T]) -> T:
     except PgolfError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
@@ -261,15 +262,16 @@ def data_fineweb(
 
         target = out or Path("data") / dataset_name(variant)
         source = source_for(repo_id, local_repo, revision)
-        console.print(f"[bold]pgolf data fineweb[/] {dataset_name(variant)} from {source.description} -> {target}")
+        console.print(f"[bold]pgolf data fineweb[/] {dataset_name(variant)} from {escape(source.description)} -> "
+                      f"{escape(str(target))}")
         report = fetch_fineweb(source, target, variant=variant, train_shards=train_shards, remote_root=remote_root,
-                               log=console.print)
+                               log=lambda line: console.print(line, markup=False, highlight=False))
         m = report.manifest
         console.print(f"{len(report.fetched)} file(s) fetched, {len(report.skipped)} already complete; "
                       f"{m['val_shards']} validation shard(s) ({m['tokens_val']:,} tokens), {m['train_shards']} training "
                       f"shard(s) ({m['tokens_train']:,} tokens), tokenizer {report.tokenizer.name}")
         vocab = "" if report.vocab_size == 1024 else f" --set model.vocab_size={report.vocab_size}"
-        console.print(f"run with: pgolf run recipes/best.yaml --data {target}{vocab}", highlight=False)
+        console.print(f"run with: pgolf run recipes/best.yaml --data {target}{vocab}", markup=False, highlight=False)
 
     guarded(debug, body)
 

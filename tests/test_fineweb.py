@@ -8,7 +8,9 @@ reads it through `LocalRepository`, the same code path the Hub source feeds. No 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from pgolf import shards
 from pgolf.data import ensure_embedded_dataset, load_dataset
 from pgolf.errors import DataError
 from pgolf.fineweb import HubRepository, LocalRepository, fetch_fineweb, source_for
-from tests.conftest import TOKENIZERS
+from tests.conftest import REPO, TOKENIZERS
 from tests.test_cli import micro_flags, pgolf
 
 TRAIN_SHARDS = 3
@@ -188,3 +190,13 @@ def test_cli_fetch_then_run_needs_no_tokenizer_flag(repository, tmp_path):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["data"]["tokenizer"] == str(out / "fineweb_1024_bpe.model")
     assert manifest["data"]["source"] == "shards" and manifest["data"]["train_shards"] == 1
+
+
+def test_cli_without_huggingface_hub_says_how_to_install_it(tmp_path):
+    body = ("import sys; sys.modules['huggingface_hub'] = None; from pgolf.cli import main; "
+            f"sys.argv = ['pgolf', 'data', 'fineweb', '--out', {str(tmp_path / 'data')!r}]; main()")
+    proc = subprocess.run([sys.executable, "-c", body], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert 'pip install -e ".[fineweb]"' in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "data").exists()
