@@ -177,6 +177,25 @@ def _fetch_checked(source: FileSource, remote_path: str, destination: Path, chec
         partial.unlink(missing_ok=True)
 
 
+def _fetch_source_record(out: Path, source: FileSource, remote_root: str, dataset: str) -> dict[str, Any]:
+    """Fetch the export's manifest.json and keep it in `out`, with where it came from."""
+    remote = _remote(remote_root, REMOTE_MANIFEST)
+    staged = out / (SOURCE_FILE + ".manifest")
+
+    def parse(path: Path) -> None:
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{remote} from {source.description} is not valid JSON ({exc})") from None
+
+    _fetch_checked(source, remote, staged, parse)
+    record = {"source": source.description, "remote_root": remote_root, "dataset": dataset,
+              "manifest": json.loads(staged.read_text(encoding="utf-8"))}
+    staged.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(staged, out / SOURCE_FILE)
+    return record
+
+
 def fetch_fineweb(
     source: FileSource,
     out_dir: str | Path,
@@ -192,25 +211,8 @@ def fetch_fineweb(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / ".fetch.lock"):
-        record = _load_source_record(out, source, remote_root, dataset)
-        if record is None:
-            manifest_path = out / (SOURCE_FILE + ".manifest")
-
-            def parse(path: Path) -> None:
-                try:
-                    json.loads(path.read_text(encoding="utf-8"))
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    raise DataError(f"{_remote(remote_root, REMOTE_MANIFEST)} from {source.description} is not valid "
-                                    f"JSON ({exc})") from None
-
-            _fetch_checked(source, _remote(remote_root, REMOTE_MANIFEST), manifest_path, parse)
-            remote_manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            manifest_path.unlink()
-            record = {"source": source.description, "remote_root": remote_root, "dataset": dataset,
-                      "manifest": remote_manifest}
-            staged = out / (SOURCE_FILE + ".tmp")
-            staged.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-            os.replace(staged, out / SOURCE_FILE)
+        record = _load_source_record(out, source, remote_root, dataset) or _fetch_source_record(
+            out, source, remote_root, dataset)
         remote_manifest = record["manifest"]
         entry = next((d for d in remote_manifest.get("datasets", []) if d.get("name") == dataset), None)
         if entry is None:

@@ -139,6 +139,15 @@ def test_a_bad_remote_file_never_lands_under_its_name(repository, tmp_path):
     assert (out / "fineweb_train_000000.bin").is_file()  # what was good stays, for the resume
 
 
+def test_a_manifest_that_is_not_json_is_reported(tmp_path):
+    bad_repo = tmp_path / "repo"
+    (bad_repo / "datasets").mkdir(parents=True)
+    (bad_repo / "datasets" / "manifest.json").write_text("<html>rate limited</html>")
+    with pytest.raises(DataError, match="manifest.json from local:.* is not valid JSON"):
+        fetch_fineweb(LocalRepository(bad_repo), tmp_path / "data", "sp1024", train_shards=1, log=quiet)
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [".fetch.lock"]  # nothing half-fetched
+
+
 def test_token_ids_beyond_the_vocabulary_are_rejected(repository, tmp_path):
     bad_repo = tmp_path / "repo"
     shutil.copytree(repository, bad_repo)
