@@ -241,6 +241,12 @@ def load_dataset(
     val_tokens = np.concatenate(parts)
     bytes_files = shards.list_shards(directory, shards.VAL_BYTES_GLOB)
     manifest = read_manifest(directory) or {}
+    wanted = transform.name if transform else None
+    if "transform" in manifest and manifest["transform"] != wanted:
+        # Otherwise toggling a transform off in an ablation would silently rerun the same data.
+        raise DataError(f"the shards in {directory} were made with text transform {manifest['transform'] or 'none'}, "
+                        f"but the recipe asks for {wanted or 'none'}",
+                        hint="Enable the matching technique (e.g. casefold) or point --data at shards made for this recipe.")
     if bytes_files:
         val_bytes = np.concatenate([np.asarray(shards.read_shard(p), dtype=np.int32) for p in bytes_files])
         if val_bytes.shape != val_tokens.shape:

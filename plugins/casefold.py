@@ -37,7 +37,7 @@ ESC = "\ue004"
 OPERATORS = (TITLE, ALLCAPS, CAPNEXT, ESC)  # the order the official tokenizer gives ids 4-7
 
 _ESC_CODE = ord(ESC)
-_OPERATOR_CODES = (ord(TITLE), _ESC_CODE)  # an inclusive range
+_FIRST_OPERATOR, _LAST_OPERATOR = ord(TITLE), ord(ESC)  # the operators are consecutive code points
 _LETTER_RUN_OR_OPERATOR = re.compile("[A-Za-z]+|[\ue001-\ue004]")
 _NEEDS_ENCODING = re.compile("[A-Z\ue001-\ue004]")
 _DECODE_TOKEN = re.compile("[\ue001-\ue004]|[A-Za-z]+|[^A-Za-z\ue001-\ue004]+")
@@ -162,14 +162,14 @@ def original_char_bytes(encoded: str) -> np.ndarray:
     run_start = np.maximum.accumulate(np.where(is_esc & ~np.r_[False, is_esc[:-1]], index, 0))
     escaper = is_esc & ((index - run_start) % 2 == 0)
     escaped = np.r_[False, escaper[:-1]]
-    operator = (cp >= _OPERATOR_CODES[0]) & (cp <= _OPERATOR_CODES[1])
+    operator = (cp >= _FIRST_OPERATOR) & (cp <= _LAST_OPERATOR)
     cost[operator & ~escaped] = 0
     return cost
 
 
 @dataclass(frozen=True)
 class PieceTable:
-    """Per vocabulary id: how many normalised characters a piece spells (byte pieces: see below)."""
+    """Per vocabulary id: how many normalised characters a piece spells (byte pieces: per position)."""
 
     chars: np.ndarray  # int64 [vocab]; byte pieces 0 here, they are resolved per position
     is_byte: np.ndarray  # bool [vocab]

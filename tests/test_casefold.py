@@ -217,7 +217,7 @@ def test_shard_and_sidecar_round_trip_and_the_token_glob_skips_sidecars(tmp_path
     assert len(val_files) == len(byte_files) > 1 and not any("_bytes_" in p.name for p in val_files)
     for tokens_file, bytes_file in zip(val_files, byte_files, strict=True):
         assert shards.read_header(tokens_file) == shards.read_header(bytes_file)
-    ds = load_dataset(tmp_path, None, 512)
+    ds = load_dataset(tmp_path, None, 512, CaseOpsTransform())
     assert ds.byte_source == "sidecar" and ds.transform == "casefold" and ds.lossless
     assert ds.val_bytes.shape == ds.val_tokens.shape
     assert int(ds.val_bytes.sum()) == built.manifest["val_original_bytes"]
@@ -233,6 +233,19 @@ def test_shard_and_sidecar_round_trip_and_the_token_glob_skips_sidecars(tmp_path
         assert int(ds.val_bytes[s:e].sum()) == len(canonical(doc).encode("utf-8"))
 
 
+def test_dataset_with_the_official_caseops_tokenizer(tmp_path):
+    train, val = small_corpus(60)
+    built = build_dataset(tmp_path, train, val, 8192, transform=CaseOpsTransform(),
+                          tokenizer=official_tokenizer(CASEOPS_MODEL))
+    ds = load_dataset(tmp_path, None, 8192, CaseOpsTransform())
+    assert ds.tokenizer_path.name == CASEOPS_MODEL and ds.byte_source == "sidecar"
+    assert int(ds.val_bytes.sum()) == built.manifest["val_original_bytes"]
+    sp = caseops_sp()
+    docs = np.split(ds.val_tokens, shards.document_starts(ds.val_tokens, BOS_ID)[1:])
+    canonical = text_normalizer(official_tokenizer(CASEOPS_MODEL))
+    assert [decode(sp.decode(d[1:].tolist())) for d in docs] == [canonical(v) for v in val]
+
+
 def test_plain_datasets_count_the_same_canonical_bytes_with_the_lut():
     directory = ensure_embedded_dataset(1024)
     ds = load_dataset(directory, None, 1024)
@@ -246,7 +259,7 @@ def test_transformed_embedded_data_charges_the_canonical_documents_bytes():
     canonical = text_normalizer()
     val = [canonical(d) for d in embedded_documents() if is_validation_document(d)]
     expected = sum(len(d.encode("utf-8")) for d in val)
-    ds = load_dataset(directory, None, 1024)
+    ds = load_dataset(directory, None, 1024, CaseOpsTransform())
     assert int(ds.val_bytes.sum()) == manifest["val_original_bytes"] == expected
     assert manifest["val_bytes_before_normalization"] >= expected
 
@@ -322,9 +335,15 @@ def test_run_on_casefold_shards(casefold_shards, micro_recipe, tmp_path):
                           techniques={"casefold": {}})
     result = run_recipe(recipe, tmp_path, QUIET)
     assert result["valid"], result["failed_audits"]
-    ds = load_dataset(casefold_shards, None, 1024)
+    ds = load_dataset(casefold_shards, None, 1024, CaseOpsTransform())
     assert int(ds.val_bytes.sum()) == read_manifest(casefold_shards)["val_original_bytes"]
     assert result["val_bytes"] == scored_bytes(ds.val_bytes, recipe.eval_seq_len)
+
+
+def test_a_recipe_without_casefold_refuses_casefold_shards(casefold_shards):
+    """Toggling casefold off in an ablation must not silently rerun the transformed data."""
+    with pytest.raises(DataError, match="made with text transform casefold, but the recipe asks for none"):
+        load_dataset(casefold_shards, None, 1024)
 
 
 def test_casefold_refuses_plain_shards_before_anything_runs(micro_recipe, tmp_path):
@@ -341,7 +360,7 @@ def test_casefold_run_is_valid_and_charges_the_original_bytes(micro_recipe, tmp_
     assert result["valid"], result["failed_audits"]
     canonical = text_normalizer()
     val = [canonical(d) for d in embedded_documents() if is_validation_document(d)]
-    ds = load_dataset(ensure_embedded_dataset(1024, CaseOpsTransform()), None, 1024)
+    ds = load_dataset(ensure_embedded_dataset(1024, CaseOpsTransform()), None, 1024, CaseOpsTransform())
     assert int(ds.val_bytes.sum()) == sum(len(d.encode("utf-8")) for d in val)
     assert result["val_bytes"] == scored_bytes(ds.val_bytes, recipe.eval_seq_len)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
