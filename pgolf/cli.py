@@ -228,14 +228,21 @@ def data_text(
     val_docs: int | None = typer.Option(None, help="Number of validation documents (default: 10% of documents, at least 1)."),
     doc_mode: str = typer.Option("file", help="How plain-text files split into documents: 'file' (one per file) or 'paragraph'."),
     transform: str | None = typer.Option(None, help="Apply a technique's text transform (e.g. casefold) before tokenizing."),
+    casefold: bool = typer.Option(False, "--casefold", help="Same as --transform casefold: lossless CaseOps with a byte sidecar."),
     tokenizer: Path | None = typer.Option(None, help="Use this SentencePiece model instead of training one."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> None:
     """Turn local text or JSONL into a tokenizer (the challenge's trainer settings) and train/val shards."""
 
     def body() -> None:
+        from pgolf.errors import ConfigError
         from pgolf.textdata import build_dataset, read_documents, split_train_val, transform_by_name
 
+        nonlocal transform
+        if casefold:
+            if transform not in (None, "casefold"):
+                raise ConfigError(f"--casefold and --transform {transform} ask for two transforms", hint="Pass one of them.")
+            transform = "casefold"
         docs = read_documents(inputs, doc_mode)
         train_docs, val = split_train_val(docs, val_docs)
         built = build_dataset(out, train_docs, val, vocab, transform=transform_by_name(transform), tokenizer=tokenizer)
