@@ -6,6 +6,7 @@ point group ``pgolf.techniques``.
 """
 
 BUILTINS: dict[str, str] = {
+    "casefold": "pgolf_plugins.casefold:Casefold",
     "codec": "pgolf_plugins.codec:Codec",
     "freq_weighting": "pgolf_plugins.freq_weighting:FreqWeighting",
     "gptq": "pgolf_plugins.gptq:GPTQ",

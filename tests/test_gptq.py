@@ -5,13 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from pgolf.errors import ConfigError
-from pgolf.lifecycle import Session
-from pgolf.model import GPT
-from pgolf.quant import QuantSpec, dequantize, quantize_rows, quantize_rtn
-from pgolf.recipe import ModelConfig
-from pgolf.reporter import Reporter
 from pgolf_plugins.gptq import (
     HessianCollector,
     collect_hessians,
@@ -21,6 +14,13 @@ from pgolf_plugins.gptq import (
     self_generate,
     spec_scales,
 )
+
+from pgolf.errors import ConfigError
+from pgolf.lifecycle import Session
+from pgolf.model import GPT
+from pgolf.quant import QuantSpec, dequantize, quantize_rows, quantize_rtn
+from pgolf.recipe import ModelConfig
+from pgolf.reporter import Reporter
 
 QUIET = Reporter(quiet=True)
 
