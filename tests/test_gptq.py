@@ -3,6 +3,8 @@ and the plugin's calibration inside the training budget."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from pgolf_plugins.gptq import (
@@ -16,11 +18,12 @@ from pgolf_plugins.gptq import (
 )
 
 from pgolf.errors import ConfigError
-from pgolf.lifecycle import Session
+from pgolf.lifecycle import Session, run_recipe
 from pgolf.model import GPT
 from pgolf.quant import QuantSpec, dequantize, quantize_rows, quantize_rtn
 from pgolf.recipe import ModelConfig
 from pgolf.reporter import Reporter
+from tests.micro_training import stored_tensors
 
 QUIET = Reporter(quiet=True)
 
@@ -245,3 +248,21 @@ def test_self_generated_calibration_reads_no_data_and_is_not_charged(micro_recip
     metrics = session.ctx.technique("gptq").pgolf_contribute_metrics(session.ctx)
     assert metrics["gptq_calibration"] == "self_generated" and metrics["gptq_calibration_tokens"] == 3 * 24
     assert exported.info["calibration_seconds"] < metrics["gptq_calibration_seconds"]
+
+
+def test_two_gloo_ranks_sum_their_hessians_into_the_single_process_artifact(micro_recipe, tmp_path):
+    """World 2 x accum 1 calibrates each rank on its half of the tokens world 1 x accum 2 reads in two
+    batches; the all-reduce adds the same two Hessians, so both ranks write the single process's
+    artifact and evaluate it to the same bits (without it the ranks would score different models)."""
+    from tests.test_ddp import torchrun_micro
+
+    gptq = {"gptq": {"calibration_batches": 2}}
+    single = run_recipe(micro_recipe("train.warmdown_iters=0", "train.grad_accum_steps=2", techniques=gptq),
+                        tmp_path / "world1", QUIET)
+    out = tmp_path / "world2"
+    proc = torchrun_micro(out, "train.grad_accum_steps=1", "techniques.gptq.calibration_batches=1")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    double = json.loads((out / "result.json").read_text())
+    assert double["metrics"]["gptq_calibration_tokens"] == single["metrics"]["gptq_calibration_tokens"] == 1024
+    assert stored_tensors((out / "artifact.pga").read_bytes()) == stored_tensors((tmp_path / "world1" / "artifact.pga").read_bytes())
+    assert double["val_bpb"] == single["val_bpb"] and double["valid"]
