@@ -8,6 +8,16 @@ processes, one per GPU or with CPU threads divided among them. Every stage outpu
 into place only when complete, and every finished run's record is written atomically, so a
 killed ablation resumes where it stopped; a failed job is recorded with its error and only the
 runs that need it fail.
+
+The ablation directory::
+
+    summary.json                   spec, arms, counts, every run's result, the statistics
+    runs/<arm>-seed<seed>.json     one record per run (its result, or its error and stage)
+    cache/train/<key>/             model.pt (state dict) + train.json (info, hook trace, data reads)
+    cache/export/<key>/            artifact.pga + export.json
+    cache/eval/<key>/              result.json + manifest.json
+    cache/<stage>/<key>.error.json a stage that failed (retried with --retry-failed)
+    logs/<stage>-<key>.log         what each job printed
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from typing import Any, Literal
 import pgolf
 from pgolf.config import Provenance, build_dataclass, to_plain
 from pgolf.errors import ConfigError, PgolfError
-from pgolf.recipe import RECIPES_DIR, Recipe, flag_overrides, load_recipe, read_yaml, recipe_from_dict
+from pgolf.recipe import RECIPES_DIR, flag_overrides, load_recipe, read_yaml, recipe_from_dict
 from pgolf.registry import HOST_PLUGIN, STAGES, Stage, load_technique_class
 from pgolf.stagecache import StageCache, StageKeys, stage_key_material, stage_keys, write_json_atomic
 
@@ -503,7 +513,7 @@ def exclusive(out: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def default_out_dir(spec: AblationSpec, recipe: Recipe | None = None) -> Path:
+def default_out_dir(spec: AblationSpec) -> Path:
     """Deterministic, so running the same command again resumes the same ablation."""
     if spec.name:
         return Path("runs") / f"ablate-{spec.name}"

@@ -117,7 +117,7 @@ def _effects(summary: dict[str, Any], arms: list[dict[str, Any]]) -> dict[str, A
     toggles = summary["toggles"]
     names = summary.get("technique_names", {})
     if summary["design"] == "factorial" and len(toggles) > 1:
-        cells = {frozenset(a["on"]): list(a["val_bpb"].values()) for a in arms}
+        cells = {frozenset(a["on"]): {int(seed): v for seed, v in a["val_bpb"].items()} for a in arms}
         effects = stats.factorial_effects(cells, toggles)
         for group in ("main", "interactions"):
             for e in effects.get(group, []):
@@ -168,13 +168,16 @@ def _warnings(arms: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[st
     if len(tokenizers) > 1:
         out.append(f"runs used {len(tokenizers)} different tokenizers: val_bpb stays comparable (original bytes), "
                    "but tokens per byte differ, so the nats figures and the 0.005-nat margin mix conventions")
-    val_sets = {(res.get("data", {}).get("val_bytes_total"), res.get("val_bytes"), res.get("val_partial"))
-                for res in results}
-    if len(val_sets) > 1:
-        out.append("runs scored different validation bytes (" + "; ".join(
-            f"{b:,} scored bytes{' (partial)' if p else ''}" for _, b, p in sorted(val_sets, key=str))
-            + "): their scores are not comparable")
-    elif results and results[0].get("val_partial"):
+    totals = {res.get("data", {}).get("val_bytes_total") for res in results} - {None}
+    scored = sorted({res["val_bytes"] for res in results})
+    if len(totals) > 1:
+        out.append(f"runs used different validation sets ({', '.join(f'{t:,}' for t in sorted(totals))} bytes): "
+                   "their scores are not comparable")
+    elif len(scored) > 1:
+        out.append(f"arms scored {scored[0]:,} to {scored[-1]:,} of the validation set's "
+                   f"{next(iter(totals), scored[-1]):,} bytes: their windows cover it differently (plain windows "
+                   "drop the stream's tail, sliding windows score it); val_bpb stays a per-byte figure")
+    if results and any(res.get("val_partial") for res in results):
         out.append("scores cover only part of the validation set (eval.max_tokens): fine for a comparison, "
                    "not a leaderboard number")
     return out
@@ -208,12 +211,13 @@ def _seeds(arm: dict[str, Any]) -> str:
     return text
 
 
-COLUMNS = ("arm", "seeds", "val_bpb mean ± std", "Δ bpb [95% CI]", "Δ nats", "p", "Holm p", "p<0.25", "rule",
-           "seeds@80%", "max bytes", "train s", "eval s")
+COLUMNS = ("arm", "seeds", "val_bpb mean ± std", "Δ bpb [95% CI]", "Δ nats", "p", "Holm p", "paired p", "p<0.25",
+           "rule", "seeds@80%", "max bytes", "train s", "eval s")
 LEGEND = ("p: one-sided Welch t-test of per-seed val_bpb, H1: the arm is lower than the baseline; Holm p: adjusted "
-          "across arms; p<0.25: the leaderboard's practice (no margin); rule: the written rule, p<0.01 beating the "
-          "baseline by 0.005 nats (converted with the runs' tokens per byte); seeds@80%: seeds per arm to detect this "
-          "Δ at this σ with power 0.8 at α 0.01")
+          "across arms; paired p: the same hypothesis tested on seed-matched differences (when both arms ran the "
+          "same seeds); p<0.25: the leaderboard's practice (Welch, no margin); rule: the written rule, Welch p<0.01 "
+          "beating the baseline by 0.005 nats (converted with the runs' tokens per byte); seeds@80%: seeds per arm "
+          "for the Welch test to detect this Δ at this σ with power 0.8 at α 0.01")
 
 
 def table_rows(statistics: dict[str, Any], ci_sep: str = " ") -> list[list[str]]:
@@ -225,15 +229,16 @@ def table_rows(statistics: dict[str, Any], ci_sep: str = " ") -> list[list[str]]
         bytes_text = "-" if arm["bytes_max"] is None else f"{arm['bytes_max']:,}" + (" OVER" if arm["over_budget"] else "")
         label = arm["label"] + (" (baseline)" if c is None else "") + (" [invalid]" if arm["invalid"] else "")
         if c is None:
-            delta = nats = p = holm = practice = rule = needed = ""
+            delta = nats = p = holm = paired = practice = rule = needed = ""
         else:
             delta = (f"{_f(c['delta'], signed=True)}{ci_sep}[{_f(c['ci_low'], signed=True)}, "
                      f"{_f(c['ci_high'], signed=True)}]")
             nats = _f(c["delta_nats"], signed=True)
             p, holm = _p(c["p_value"]), _p(c["holm_p"])
+            paired = _p(c["paired"]["p_value"]) if c["paired"] else "-"
             practice, rule = _mark(c["verdicts"]["practice"]), _mark(c["verdicts"]["rule"])
             needed = "-" if c["seeds_needed"] is None else str(c["seeds_needed"])
-        rows.append([label, _seeds(arm), mean, delta, nats, p, holm, practice, rule, needed, bytes_text,
+        rows.append([label, _seeds(arm), mean, delta, nats, p, holm, paired, practice, rule, needed, bytes_text,
                      _f(arm["train_seconds"], 1), _f(arm["eval_seconds"], 1)])
     return rows
 
@@ -245,7 +250,8 @@ def effect_rows(statistics: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     if effects["kind"] == "factorial":
         if not effects.get("available"):
             return None
-        header = ["effect (factorial)", "Δ bpb", "95% CI", "p (two-sided)"]
+        blocking = ", blocked by seed" if effects["blocked_by_seed"] else ""
+        header = [f"effect (factorial{blocking})", "Δ bpb", "95% CI", "p (two-sided)"]
         rows = [[f"{kind}: {e['name']}", _f(e["estimate"], signed=True),
                  f"[{_f(e['ci_low'], signed=True)}, {_f(e['ci_high'], signed=True)}]", _p(e["p_value"])]
                 for kind, group in (("main", "main"), ("interaction", "interactions")) for e in effects[group]]

@@ -228,7 +228,7 @@ def render_ablation(summary: dict[str, Any], fmt: str, plot: Path | None) -> Non
         raise PgolfError(f"unknown --format '{fmt}'", hint=f"Choose one of: {', '.join(report.FORMATS)}.")
     if fmt == "table":
         # Piped output gets room for the whole table; a terminal keeps its own width.
-        target = console if console.is_terminal else Console(width=max(console.width, 170))
+        target = console if console.is_terminal else Console(width=max(console.width, 190))
         for renderable in report.render_table(summary):
             target.print(renderable)
     else:

@@ -244,30 +244,44 @@ def _contrast(name: str, coefficients: np.ndarray, means: np.ndarray, counts: np
     return Effect(name, estimate, se, float(df), t, p, estimate - half, estimate + half)
 
 
-def factorial_effects(cells: Mapping[frozenset[str], Sequence[float]], factors: Sequence[str]) -> dict[str, Any]:
-    """Main effects and two-way interactions of a 2^k design from per-cell scores.
+def factorial_effects(cells: Mapping[frozenset[str], Mapping[int, float]], factors: Sequence[str]) -> dict[str, Any]:
+    """Main effects and two-way interactions of a 2^k design from per-cell, per-seed scores.
 
     Main effect of A: mean over cells with A on minus mean over cells with A off (each cell
     weighted equally, as in a balanced design). Interaction A x B: how much more A changes the
-    score when B is on than when B is off, averaged over the other factors. Standard errors use
-    the variance pooled within cells (df = runs - cells). Needs every cell filled.
+    score when B is on than when B is off, averaged over the other factors. When every cell ran
+    the same seeds, the seeds are blocks (a seed fixes initialisation and data order for every
+    arm), so their differences leave the error term: residual variance of the additive
+    cell + seed model, df = (cells - 1)(seeds - 1). Otherwise the variance is pooled within
+    cells (df = runs - cells). Needs every cell filled.
     """
     factors = list(factors)
     keys = [frozenset(c) for c in _all_subsets(factors)]
-    missing = [sorted(k) for k in keys if len(cells.get(k, ())) == 0]
+    missing = [sorted(k) for k in keys if len(cells.get(k, {})) == 0]
     if missing:
         return {"available": False, "reason": f"{len(missing)} cell(s) have no finished run"}
-    means = np.array([np.mean(cells[k]) for k in keys], dtype=np.float64)
-    counts = np.array([len(cells[k]) for k in keys], dtype=np.float64)
-    df = int(counts.sum() - len(keys))
-    ss = sum(float(np.sum((np.asarray(cells[k], dtype=np.float64) - np.mean(cells[k])) ** 2)) for k in keys)
+    values = {k: np.array(list(cells[k].values()), dtype=np.float64) for k in keys}
+    means = np.array([values[k].mean() for k in keys])
+    counts = np.array([values[k].size for k in keys], dtype=np.float64)
+    seed_sets = {frozenset(cells[k]) for k in keys}
+    blocked = len(seed_sets) == 1 and len(next(iter(seed_sets))) > 1
+    if blocked:
+        seeds = sorted(next(iter(seed_sets)))
+        grid = np.array([[cells[k][seed] for seed in seeds] for k in keys], dtype=np.float64)
+        residual = grid - grid.mean(axis=1, keepdims=True) - grid.mean(axis=0, keepdims=True) + grid.mean()
+        df = (len(keys) - 1) * (len(seeds) - 1)
+        ss = float(np.sum(residual**2))
+    else:
+        df = int(counts.sum() - len(keys))
+        ss = sum(float(np.sum((values[k] - values[k].mean()) ** 2)) for k in keys)
     pooled = ss / df if df > 0 else math.nan
     sign = {f: np.array([1.0 if f in k else -1.0 for k in keys]) for f in factors}
     half = len(keys) / 2
     main = [_contrast(f, sign[f] / half, means, counts, pooled, df) for f in factors]
     inter = [_contrast(f"{a} x {b}", sign[a] * sign[b] / (len(keys) / 4), means, counts, pooled, df)
              for a, b in combinations(factors, 2)]
-    return {"available": True, "df": df, "pooled_std": math.sqrt(pooled) if math.isfinite(pooled) else math.nan,
+    return {"available": True, "blocked_by_seed": blocked, "df": df,
+            "residual_std": math.sqrt(pooled) if math.isfinite(pooled) else math.nan,
             "main": [asdict(e) for e in main], "interactions": [asdict(e) for e in inter]}
 
 

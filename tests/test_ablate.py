@@ -288,6 +288,8 @@ def test_kill_9_then_the_same_command_resumes_without_recomputing(tmp_path):
         assert summary["counts"][stage]["ran"] == {"train": 3, "export": 3, "eval": 6}[stage] - len(entries)
         assert {p: p.stat().st_mtime_ns for p in entries} == entries  # nothing finished was redone
     assert all(r["status"] == "ok" for r in summary["runs"]) and len(summary["runs"]) == 6
+    share = max(1, len(os.sched_getaffinity(0)) // 2)  # two workers divide the CPU threads
+    assert {json.loads(p.read_text())["threads"] for p in (out / "cache" / "eval").glob("*/manifest.json")} == {share}
     assert not list((out / "cache").glob("*/.tmp-*"))  # the interrupted writes were cleaned up
 
 

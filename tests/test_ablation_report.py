@@ -16,10 +16,11 @@ SEEDS = (42, 314, 999)
 
 
 def stored_run(on: tuple[str, ...], seed: int, bpb: float, *, steps: int = 500, tokenizer: str = "tok1",
-               val_bytes: int = 196_652, total: int = 15_000_000, valid: bool = True) -> dict:
+               val_bytes: int = 196_652, scored: int | None = None, total: int = 15_000_000,
+               valid: bool = True) -> dict:
     result = {"val_bpb": bpb, "tokens_per_byte": 0.40945, "bytes_total": total, "steps": steps, "train_seconds": 600.0,
               "eval_seconds": 80.0, "valid": valid, "failed_audits": [] if valid else ["causality"],
-              "val_bytes": val_bytes, "val_partial": False, "export": {"budget_bytes": 16_000_000},
+              "val_bytes": scored or val_bytes, "val_partial": False, "export": {"budget_bytes": 16_000_000},
               "data": {"tokenizer_sha256": tokenizer, "val_bytes_total": val_bytes}}
     return {"arm": "+".join(on) or "none", "toggles_on": list(on), "seed": seed, "status": "ok", "result": result}
 
@@ -90,7 +91,8 @@ def test_failed_seeds_are_counted_not_hidden():
 @pytest.mark.parametrize(("changes", "message"), [
     ({"steps": 480}, "arms differ in step counts"),
     ({"tokenizer": "tok2"}, "different tokenizers"),
-    ({"val_bytes": 150_000}, "different validation bytes"),
+    ({"val_bytes": 150_000}, "different validation sets"),
+    ({"scored": 196_600}, "arms scored 196,600 to 196,652 of the validation set's 196,652 bytes"),
     ({"total": 16_000_001}, "over the 16,000,000-byte budget"),
     ({"valid": False}, "failed validity audits (causality)"),
 ])
@@ -121,6 +123,7 @@ def test_formats_carry_the_same_numbers():
     assert data["arms"][2]["comparison"]["p_value"] == pytest.approx(sw["p_value"]) and data["counts"]
     md = render_markdown(summary)
     assert md.splitlines()[0].startswith("| arm | seeds | val_bpb mean ± std | Δ bpb [95% CI] |")
+    assert rows[2]["paired_p_value"] and "| paired p |" in md.splitlines()[0]
     assert "| main: sliding_window |" in md and "p<0.25" in md
     console = Console(width=220, record=True)
     for renderable in render_table(summary):

@@ -117,19 +117,25 @@ def test_seeds_needed_is_the_smallest_n_with_enough_power(delta, sigma):
     assert stats.seeds_needed(0.001, sigma) is None  # a worse variant needs no seeds to be shown better
 
 
-@pytest.mark.parametrize("unbalanced", [False, True])
-def test_factorial_effects_match_least_squares(unbalanced):
+@pytest.mark.parametrize("complete_blocks", [True, False])
+def test_factorial_effects_match_least_squares(complete_blocks):
+    """Effects are the factor columns of a least-squares fit: the saturated cell model, plus one
+    column per seed when every cell ran the same seeds (seeds as blocks)."""
     rng = np.random.default_rng(7)
-    factors = ["a", "b", "c"]
+    factors, seeds = ["a", "b", "c"], [42, 314, 999]
+    seed_shift = dict(zip(seeds, rng.normal(0, 0.004, 3), strict=True))  # a seed moves every arm alike
     cells, rows, ys = {}, [], []
     for on in [(), ("a",), ("b",), ("c",), ("a", "b"), ("a", "c"), ("b", "c"), ("a", "b", "c")]:
-        n = 2 if unbalanced and on == ("b",) else 3
-        values = list(1.08 - 0.002 * ("a" in on) + 0.001 * ("a" in on and "b" in on) + rng.normal(0, 0.0005, n))
-        cells[frozenset(on)] = values
+        ran = seeds[:2] if not complete_blocks and on == ("b",) else seeds
+        cells[frozenset(on)] = {}
         x = {f: 0.5 if f in on else -0.5 for f in factors}
-        for y in values:
-            rows.append([1, x["a"], x["b"], x["c"], x["a"] * x["b"], x["a"] * x["c"], x["b"] * x["c"],
-                         x["a"] * x["b"] * x["c"]])
+        for seed in ran:
+            y = 1.08 - 0.002 * ("a" in on) + 0.001 * ("a" in on and "b" in on) + seed_shift[seed] + rng.normal(0, 5e-4)
+            cells[frozenset(on)][seed] = y
+            row = [1, x["a"], x["b"], x["c"], x["a"] * x["b"], x["a"] * x["c"], x["b"] * x["c"], x["a"] * x["b"] * x["c"]]
+            if complete_blocks:
+                row += [float(seed == 314), float(seed == 999)]
+            rows.append(row)
             ys.append(y)
     X, y = np.array(rows), np.array(ys)
     beta, *_ = np.linalg.lstsq(X, y, rcond=None)
@@ -137,7 +143,7 @@ def test_factorial_effects_match_least_squares(unbalanced):
     sigma2 = float(np.sum((y - X @ beta) ** 2)) / dof
     se = np.sqrt(sigma2 * np.diag(np.linalg.inv(X.T @ X)))
     got = stats.factorial_effects(cells, factors)
-    assert got["df"] == dof
+    assert got["df"] == dof and got["blocked_by_seed"] is complete_blocks
     expected = {"a": 1, "b": 2, "c": 3, "a x b": 4, "a x c": 5, "b x c": 6}
     for e in (*got["main"], *got["interactions"]):
         col = expected[e["name"]]
@@ -145,10 +151,10 @@ def test_factorial_effects_match_least_squares(unbalanced):
         assert e["se"] == pytest.approx(se[col], rel=1e-9)
         assert e["p_value"] == pytest.approx(2 * sps.t.sf(abs(beta[col] / se[col]), dof), rel=1e-7)
     main_a = next(e for e in got["main"] if e["name"] == "a")["estimate"]
-    on_a = np.mean([np.mean(v) for k, v in cells.items() if "a" in k])
-    off_a = np.mean([np.mean(v) for k, v in cells.items() if "a" not in k])
+    on_a = np.mean([np.mean(list(v.values())) for k, v in cells.items() if "a" in k])
+    off_a = np.mean([np.mean(list(v.values())) for k, v in cells.items() if "a" not in k])
     assert main_a == pytest.approx(on_a - off_a)
-    assert not stats.factorial_effects({frozenset(): [1.0]}, ["a"])["available"]
+    assert not stats.factorial_effects({frozenset(): {1: 1.0}}, ["a"])["available"]
 
 
 def test_compare_gives_both_verdicts():
