@@ -54,12 +54,19 @@ def _file_sha(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+# Modules that only orchestrate, judge or print runs: editing them cannot change a stage's output.
+NOT_IN_OUTPUTS = frozenset({"__init__.py", "__main__.py", "cli.py", "ablation.py", "ablation_report.py", "stats.py",
+                            "stagecache.py", "reporter.py", "evalonly.py", "errors.py"})
+
+
 @functools.lru_cache(maxsize=1)
 def pgolf_source_hash() -> str:
     """pgolf's own code: a changed host (training loop, export, eval) must not reuse stale work."""
     root = Path(pgolf.__file__).resolve().parent
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
+        if path.name in NOT_IN_OUTPUTS:
+            continue
         h.update(str(path.relative_to(root)).encode())
         h.update(_file_sha(str(path)).encode())
     return h.hexdigest()[:16]

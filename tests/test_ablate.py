@@ -97,6 +97,15 @@ def test_a_reserve_changes_the_training_key_only_under_a_wallclock_cap(tmp_path)
     assert train_key(1.0, *capped) != train_key(2.0, *capped)
 
 
+def test_only_modules_that_make_outputs_enter_the_source_hash():
+    import pgolf
+    from pgolf.stagecache import NOT_IN_OUTPUTS
+
+    package = Path(pgolf.__file__).parent
+    assert all((package / name).is_file() for name in NOT_IN_OUTPUTS)  # a renamed module must be listed again
+    assert {"lifecycle.py", "train.py", "model.py", "quant.py", "evaluate.py"}.isdisjoint(NOT_IN_OUTPUTS)
+
+
 def test_a_technique_acting_before_its_declared_stage_is_refused(tmp_path):
     with pytest.raises(PgolfError, match="declares stage 'eval' but implements pgolf_on_step_end"):
         plan_ablation(micro_spec(tmp_path, [MISDECLARED]))
