@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -39,7 +40,7 @@ def guarded(debug: bool, fn: Callable[[], T]) -> T:
     except PgolfError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
@@ -348,18 +349,57 @@ def data_text(
     val_docs: int | None = typer.Option(None, help="Number of validation documents (default: 10% of documents, at least 1)."),
     doc_mode: str = typer.Option("file", help="How plain-text files split into documents: 'file' (one per file) or 'paragraph'."),
     transform: str | None = typer.Option(None, help="Apply a technique's text transform (e.g. casefold) before tokenizing."),
+    casefold: bool = typer.Option(False, "--casefold", help="Same as --transform casefold: lossless CaseOps with a byte sidecar."),
     tokenizer: Path | None = typer.Option(None, help="Use this SentencePiece model instead of training one."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> None:
     """Turn local text or JSONL into a tokenizer (the challenge's trainer settings) and train/val shards."""
 
     def body() -> None:
+        from pgolf.errors import ConfigError
         from pgolf.textdata import build_dataset, read_documents, split_train_val, transform_by_name
 
+        nonlocal transform
+        if casefold:
+            if transform not in (None, "casefold"):
+                raise ConfigError(f"--casefold and --transform {transform} ask for two transforms", hint="Pass one of them.")
+            transform = "casefold"
         docs = read_documents(inputs, doc_mode)
         train_docs, val = split_train_val(docs, val_docs)
         built = build_dataset(out, train_docs, val, vocab, transform=transform_by_name(transform), tokenizer=tokenizer)
         console.print_json(json.dumps(built.manifest))
+
+    guarded(debug, body)
+
+
+@data_app.command("fineweb")
+def data_fineweb(
+    variant: str = typer.Option("sp1024", help="Tokenizer family of the export: sp1024 or sp8192."),
+    train_shards: int = typer.Option(80, help="Training shards to fetch (100M tokens each; the first N of the frozen order)."),
+    out: Path | None = typer.Option(None, help="Output directory (default: data/fineweb10B_<variant>)."),
+    repo_id: str = typer.Option("willdepueoai/parameter-golf", help="Hugging Face dataset repository of the export."),
+    revision: str | None = typer.Option(None, help="Branch, tag or commit of --repo-id."),
+    local_repo: Path | None = typer.Option(None, help="Copy from a local directory laid out like the repository instead."),
+    remote_root: str = typer.Option("datasets", help="Folder of the repository that holds manifest.json."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Fetch the challenge's cached FineWeb shards and tokenizer (checked, resumable)."""
+
+    def body() -> None:
+        from pgolf.fineweb import dataset_name, fetch_fineweb, source_for
+
+        target = out or Path("data") / dataset_name(variant)
+        source = source_for(repo_id, local_repo, revision)
+        console.print(f"[bold]pgolf data fineweb[/] {dataset_name(variant)} from {escape(source.description)} -> "
+                      f"{escape(str(target))}")
+        report = fetch_fineweb(source, target, variant=variant, train_shards=train_shards, remote_root=remote_root,
+                               log=lambda line: console.print(line, markup=False, highlight=False))
+        m = report.manifest
+        console.print(f"{len(report.fetched)} file(s) fetched, {len(report.skipped)} already complete; "
+                      f"{m['val_shards']} validation shard(s) ({m['tokens_val']:,} tokens), {m['train_shards']} training "
+                      f"shard(s) ({m['tokens_train']:,} tokens), tokenizer {report.tokenizer.name}")
+        vocab = "" if report.vocab_size == 1024 else f" --set model.vocab_size={report.vocab_size}"
+        console.print(f"run with: pgolf run recipes/best.yaml --data {target}{vocab}", markup=False, highlight=False)
 
     guarded(debug, body)
 

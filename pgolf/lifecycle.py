@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -181,7 +182,11 @@ class Session:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.dist.local_rank] if self.device.type == "cuda" else None
-            wrapped = DDP(wrapped, device_ids=ids, broadcast_buffers=False)
+            # Buffers (rotary tables) are identical on every rank: never re-broadcast them per forward.
+            # Newer torch spells this forward_sync_buffers and warns on the old broadcast_buffers.
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                       else {"broadcast_buffers": False})
+            wrapped = DDP(wrapped, device_ids=ids, **no_sync)
         return wrapped
 
     # --- train + average ----------------------------------------------------------------------

@@ -5,4 +5,6 @@ recipe names the technique; third-party techniques register the same way through
 point group ``pgolf.techniques``.
 """
 
-BUILTINS: dict[str, str] = {}
+BUILTINS: dict[str, str] = {
+    "casefold": "pgolf_plugins.casefold:Casefold",
+}

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-SETTINGS: dict[str, dict[str, Any]] = {}
+SETTINGS: dict[str, dict[str, Any]] = {
+    # The default (lossless CaseOps) mode must pass every audit; the lossy `lowercase` mode is
+    # the intentionally invalid one (tests/test_casefold.py checks it fails byte_accounting only).
+    "casefold": {"params": {"mode": "caseops"}, "invalid_audits": ()},
+}
 
 
 def settings_for(name: str) -> dict[str, Any]:
