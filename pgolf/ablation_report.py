@@ -269,9 +269,9 @@ def render_table(summary: dict[str, Any]) -> list[Any]:
 
     statistics = summary["statistics"]
     title = f"ablation: {Path(summary['spec']['recipe']).stem}, {summary['design']}, baseline {summary['baseline']}"
-    table = Table(title=title, caption=LEGEND)
+    table = Table(title=Text(title), caption=Text(LEGEND))
     for col in COLUMNS:
-        table.add_column(col, justify="left" if col == "arm" else "right", no_wrap=col != "arm")
+        table.add_column(Text(col), justify="left" if col == "arm" else "right", no_wrap=col != "arm")
     for row in table_rows(statistics, ci_sep="\n"):
         styled = [Text(cell, style="red" if ("FAILED" in cell or cell == "no" or "OVER" in cell or "[invalid]" in cell)
                        else ("green" if cell == "yes" else "")) for cell in row]
@@ -282,9 +282,9 @@ def render_table(summary: dict[str, Any]) -> list[Any]:
         header, rows = effects
         extra = Table()
         for col in header:
-            extra.add_column(col, justify="left" if col == header[0] else "right")
+            extra.add_column(Text(col), justify="left" if col == header[0] else "right")
         for row in rows:
-            extra.add_row(*row)
+            extra.add_row(*(Text(cell) for cell in row))
         out.append(extra)
     for warning in statistics["warnings"]:
         out.append(Text(f"warning: {warning}", style="yellow"))

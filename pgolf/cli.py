@@ -237,7 +237,7 @@ def render_ablation(summary: dict[str, Any], fmt: str, plot: Path | None) -> Non
         sys.stdout.write(text)
     if plot is not None:
         report.plot(summary, plot)
-        err_console.print(f"plot written to {plot}")
+        err_console.print(f"plot written to {plot}", markup=False, highlight=False)
 
 
 @app.command()
@@ -269,10 +269,10 @@ def ablate(
                  "scale": scale, "data": str(data) if data else None,
                  "tokenizer": str(tokenizer) if tokenizer else None, "steps": steps, "set": list(set_) or None}
         spec = load_spec(target, flags) if is_spec_file(target) else spec_from_flags(target, flags)
-        log = lambda message: err_console.print(message, highlight=False, soft_wrap=True)  # noqa: E731
+        log = lambda message: err_console.print(message, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
         directory, summary = run_ablation(spec, retry_failed=retry_failed, log=log)
         render_ablation(summary, fmt, plot)
-        err_console.print(f"summary: {directory}/summary.json")
+        err_console.print(f"summary: {directory}/summary.json", markup=False, highlight=False)
         return summary
 
     summary = guarded(debug, body)
