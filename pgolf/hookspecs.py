@@ -251,7 +251,9 @@ def pgolf_quantize_tensor(name: str, tensor: torch.Tensor, spec: QuantSpec, ctx:
 def pgolf_on_artifact_loaded(model: nn.Module, ctx: RunContext) -> None:
     """The artifact was decoded into ``model``; re-activate eval-time structure.
 
-    Used by: recurrence (looping is always on at evaluation).
+    Also called, for train-stage techniques only, when the ablation runner loads a cached
+    checkpoint before export: the model must then be as training left it. Used by: recurrence
+    (looping is always on at evaluation).
     """
 
 

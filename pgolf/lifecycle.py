@@ -303,6 +303,23 @@ class Session:
         self.hook.pgolf_on_artifact_loaded(model=model, ctx=self.ctx)
         return model
 
+    def load_checkpoint(self, state: dict[str, torch.Tensor], train_info: dict[str, Any]) -> nn.Module:
+        """Rebuild the trained model from a stored checkpoint, as the train stage left it.
+
+        The ablation runner exports from cached checkpoints, so a fresh model gets the weights
+        and the train-stage techniques re-activate what a state dict does not hold (recurrence
+        turns looping on) through ``pgolf_on_artifact_loaded``; later-stage techniques are left
+        out, because the checkpoint is a product of the train stage alone.
+        """
+        model = self.new_model()
+        model.load_state_dict(state, strict=True)
+        model = prepare_for_device(model, self.device)
+        later = [e.instance for e in self.enabled if e.stage != "train"]
+        self.pm.subset_hook_caller("pgolf_on_artifact_loaded", remove_plugins=later)(model=model, ctx=self.ctx)
+        self.ctx.step = int(train_info.get("steps", 0))
+        self.ctx.train_reserve_seconds = float(train_info.get("reserve_seconds", 0.0))
+        return model
+
     # --- eval ---------------------------------------------------------------------------------
 
     def evaluate(self, model: nn.Module, train_info: dict[str, Any], export_info: dict[str, Any]) -> EvalOutcome:
