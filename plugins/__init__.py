@@ -5,4 +5,16 @@ recipe names the technique; third-party techniques register the same way through
 point group ``pgolf.techniques``.
 """
 
-BUILTINS: dict[str, str] = {}
+BUILTINS: dict[str, str] = {
+    "ema": "pgolf_plugins.ema:EMA",
+    "leaky_relu": "pgolf_plugins.leaky_relu:LeakyRelu",
+    "muon_eq_r": "pgolf_plugins.muon_eq_r:MuonEqR",
+    "muon_wd": "pgolf_plugins.muon_wd:MuonWD",
+    "parallel_residuals": "pgolf_plugins.parallel_residuals:ParallelResiduals",
+    "partial_rope": "pgolf_plugins.partial_rope:PartialRope",
+    "qk_gain": "pgolf_plugins.qk_gain:QKGain",
+    "recurrence": "pgolf_plugins.recurrence:Recurrence",
+    "smear_gate": "pgolf_plugins.smear_gate:SmearGate",
+    "warmdown": "pgolf_plugins.warmdown:Warmdown",
+    "xsa": "pgolf_plugins.xsa:XSA",
+}
