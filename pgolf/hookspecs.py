@@ -234,7 +234,8 @@ def pgolf_quantize_tensor(name: str, tensor: torch.Tensor, spec: QuantSpec, ctx:
 
 @hookspec
 def pgolf_on_artifact_loaded(model: nn.Module, ctx: RunContext) -> None:
-    """The artifact was decoded into ``model``; re-activate eval-time structure.
+    """Trained weights were loaded into a fresh ``model`` (a decoded artifact, or a saved checkpoint
+    that `pgolf eval` re-exports); re-activate eval-time structure.
 
     Used by: recurrence (looping is always on at evaluation).
     """

@@ -300,3 +300,15 @@ def test_repeated_pass_holds_no_copy_of_the_shared_block():
     rp = clone.extra_blocks[0]
     assert isinstance(rp, RepeatedPass) and rp.shared is clone.blocks[4]
     assert sorted(k for k, _ in rp.named_parameters()) == ["mlp.fc.weight", "mlp.proj.weight"]
+
+
+def test_a_saved_checkpoint_is_rescored_with_the_loop_on(micro_recipe, tmp_path):
+    from pgolf.evalonly import evaluate_target
+    from tests.conftest import MICRO
+
+    params = "{loop_start: 0, loop_end: 1, num_loops: 1, enable_at: 0.3}"
+    result = run_recipe(micro_recipe(f"techniques.recurrence={params}"), tmp_path, QUIET)
+    scored = evaluate_target(tmp_path / "final_model.pt", scale="tiny",
+                             overrides=[*MICRO, f"techniques.recurrence={params}"], log=lambda m: None)
+    assert scored["val_bpb_prequant"] == pytest.approx(result["val_bpb_prequant"], rel=1e-9)
+    assert scored["val_bpb"] == pytest.approx(result["val_bpb"], rel=1e-9)
