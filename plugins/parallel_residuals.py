@@ -19,11 +19,13 @@ from pgolf.context import RunContext
 from pgolf.recipe import ModelConfig
 from pgolf.registry import Technique
 
+Variant = Literal["two_lane", "sum"]
+
 
 @dataclass
 class ParallelResidualsConfig:
     start_layer: int = 8  # #1529 on (#1204, #1412, #1493: 7)
-    variant: Literal["two_lane", "sum"] = "two_lane"
+    variant: Variant = "two_lane"
 
     def validate(self) -> tuple[str, str] | None:
         if self.start_layer < 0:
@@ -31,10 +33,10 @@ class ParallelResidualsConfig:
         return None
 
 
-def use_parallel_residuals(model: ModelConfig, start_layer: int, variant: str = "two_lane") -> None:
+def use_parallel_residuals(model: ModelConfig, start_layer: int, variant: Variant = "two_lane") -> None:
     """Parallel attention and MLP from `start_layer` on, as two lanes or a plain sum."""
     model.parallel_start_layer = start_layer
-    model.parallel_variant = variant  # type: ignore[assignment]
+    model.parallel_variant = variant
 
 
 def start_problem(model: ModelConfig, start_layer: int) -> str | None:
