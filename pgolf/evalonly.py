@@ -107,6 +107,7 @@ def _evaluate_checkpoint(path: Path, data: Path | None, tokenizer: Path | None, 
     if missing.missing_keys or missing.unexpected_keys:
         raise DataError(f"checkpoint does not match the recipe's model: missing {missing.missing_keys[:5]}, "
                         f"unexpected {missing.unexpected_keys[:5]}", hint="Pass the --recipe it was trained with.")
+    session.hook.pgolf_on_artifact_loaded(model=model, ctx=session.ctx)  # trained weights in: eval-time structure on
     pre = session.evaluate_plain(model)
     reporter.log(f"checkpoint as saved: val_loss:{pre['val_loss']:.8f} val_bpb:{pre['val_bpb']:.8f}")
     train_info = {"train_seconds": 0.0, "steps": 0, "step_avg_ms": 0.0, "tokens_seen": 0,

@@ -249,7 +249,8 @@ def pgolf_quantize_tensor(name: str, tensor: torch.Tensor, spec: QuantSpec, ctx:
 
 @hookspec
 def pgolf_on_artifact_loaded(model: nn.Module, ctx: RunContext) -> None:
-    """The artifact was decoded into ``model``; re-activate eval-time structure.
+    """Trained weights were loaded into a fresh ``model`` (a decoded artifact, or a saved checkpoint
+    that `pgolf eval` re-exports); re-activate eval-time structure.
 
     Also called, for train-stage techniques only, when the ablation runner loads a cached
     checkpoint before export: the model must then be as training left it. Used by: recurrence

@@ -6,7 +6,9 @@ loads with `strict=True`. Options that add parameters (SmearGate) add them only 
 
 Depth recurrence is expressed as virtual layer lists: the encoder and decoder walk
 `encoder_indices` / `decoder_indices` (indices into `blocks`, then `extra_blocks`) when
-`looping_active` is set, and the plain halves otherwise. Hooks never run in here.
+`looping_active` is set, and the plain halves otherwise. An entry of `extra_blocks` is any
+module with the block interface (`forward(x, x0)`, `forward_lanes`, `layer_idx`), e.g. a
+repeated pass that shares a block's attention but owns its MLP. Hooks never run in here.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pgolf.recipe import ModelConfig
 
 CONTROL_TENSOR_NAME_PATTERNS = (
     "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
-    "q_gain", "skip_weight", "skip_weights", "smear",
+    "q_gain", "skip_weight", "skip_weights", "smear", "parallel_post_lambdas", "parallel_resid_lambdas",
 )
+PARALLEL_RESID_INIT = 1.1  # two-lane parallel residuals: each lane keeps 1.1x itself at init (#1529)
 SMEAR_WINDOW = 12
 
 
@@ -149,6 +152,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         dim = cfg.model_dim
+        self.layer_idx = layer_idx
         self.attn_norm = RMSNorm()
         self.mlp_norm = RMSNorm()
         self.attn = CausalSelfAttention(cfg, xsa=layer_idx >= cfg.num_layers - cfg.xsa_last_n)
@@ -157,18 +161,37 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())
         self.norm_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
-        self.parallel = 0 <= cfg.parallel_start_layer <= layer_idx
+        self.parallel = cfg.parallel_variant == "sum" and 0 <= cfg.parallel_start_layer <= layer_idx
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def mix_input(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(dtype=x.dtype)
-        x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
-        attn_out = self.attn(self.attn_norm(x) * self.norm_scale)
+        return mix[0][None, None, :] * x + mix[1][None, None, :] * x0
+
+    def attn_branch(self, x: Tensor) -> Tensor:
+        return self.attn_scale.to(dtype=x.dtype)[None, None, :] * self.attn(self.attn_norm(x) * self.norm_scale)
+
+    def mlp_branch(self, x: Tensor, mlp: nn.Module | None = None) -> Tensor:
+        """`mlp` replaces this block's MLP for one call (an untied repeated pass of depth recurrence)."""
+        mlp = self.mlp if mlp is None else mlp
+        return self.mlp_scale.to(dtype=x.dtype)[None, None, :] * mlp(self.mlp_norm(x) * self.norm_scale)
+
+    def forward(self, x: Tensor, x0: Tensor, mlp: nn.Module | None = None) -> Tensor:
+        x = self.mix_input(x, x0)
         if self.parallel:
-            mlp_out = self.mlp(self.mlp_norm(x) * self.norm_scale)
-            return (x + self.attn_scale.to(dtype=x.dtype)[None, None, :] * attn_out
-                    + self.mlp_scale.to(dtype=x.dtype)[None, None, :] * mlp_out)
-        x = x + self.attn_scale.to(dtype=x.dtype)[None, None, :] * attn_out
-        return x + self.mlp_scale.to(dtype=x.dtype)[None, None, :] * self.mlp(self.mlp_norm(x) * self.norm_scale)
+            return x + self.attn_branch(x) + self.mlp_branch(x, mlp)
+        x = x + self.attn_branch(x)
+        return x + self.mlp_branch(x, mlp)
+
+    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, post: Tensor, resid: Tensor,
+                      mlp: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+        """Two-lane parallel residual: attention reads lane 0 (mixed with x0), the MLP reads lane 1,
+        and each writes into both lanes with learned weights ``post[branch, lane]``."""
+        post, resid = post.to(dtype=lane0.dtype), resid.to(dtype=lane0.dtype)
+        attn_out = self.attn_branch(self.mix_input(lane0, x0))
+        mlp_out = self.mlp_branch(lane1, mlp)
+        new0 = resid[0] * lane0 + post[0, 0] * attn_out + post[1, 0] * mlp_out
+        new1 = resid[1] * lane1 + post[0, 1] * attn_out + post[1, 1] * mlp_out
+        return new0, new1
 
 
 class SmearGate(nn.Module):
@@ -203,6 +226,13 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_layers)])
         self.extra_blocks = nn.ModuleList()  # per-pass copies added by depth recurrence
         self.smear = SmearGate(cfg.model_dim) if cfg.smear_gate else None
+        self.lane_start = cfg.parallel_start_layer if cfg.parallel_variant == "two_lane" else -1
+        self.parallel_post_lambdas: nn.Parameter | None = None
+        self.parallel_resid_lambdas: nn.Parameter | None = None
+        if self.lane_start >= 0:
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(cfg.num_layers, 2, 2, dtype=torch.float32))
+            self.parallel_resid_lambdas = nn.Parameter(
+                torch.full((cfg.num_layers, 2), PARALLEL_RESID_INIT, dtype=torch.float32))
         self.final_norm = RMSNorm()
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, bias=False)
         if self.lm_head is not None:
@@ -230,10 +260,16 @@ class GPT(nn.Module):
             return self.encoder_indices, self.decoder_indices
         return list(range(self.num_encoder_layers)), list(range(self.num_encoder_layers, len(self.blocks)))
 
-    def forward_hidden(self, input_ids: Tensor) -> Tensor:
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings, smeared with the previous token when SmearGate is on (never across a BOS
+        unless the fix is off)."""
         x = self.tok_emb(input_ids)
         if self.smear is not None:
             x = self.smear(x, (input_ids != self.bos_id) if self.cfg.smear_bos_fix else None)
+        return x
+
+    def forward_hidden(self, input_ids: Tensor) -> Tensor:
+        x = self.embed(input_ids)
         x = F.rms_norm(x, (x.size(-1),))
         x0 = x
         skips: list[Tensor] = []
@@ -241,10 +277,22 @@ class GPT(nn.Module):
         for i in encoder:
             x = self.block(i)(x, x0)
             skips.append(x)
+        lanes: tuple[Tensor, Tensor] | None = None
         for j, i in enumerate(decoder):
-            if skips and j < self.skip_weights.size(0):
-                x = x + self.skip_weights[j].to(dtype=x.dtype)[None, None, :] * skips.pop()
-            x = self.block(i)(x, x0)
+            block = self.block(i)
+            if lanes is None and 0 <= self.lane_start <= block.layer_idx:
+                lanes = (x, x)  # two lanes from the first decoder block at or past the start layer on
+            skip = self.skip_weights[j].to(dtype=x.dtype)[None, None, :] * skips.pop() \
+                if skips and j < self.skip_weights.size(0) else None
+            if lanes is None:
+                x = block(x if skip is None else x + skip, x0)
+                continue
+            assert self.parallel_post_lambdas is not None and self.parallel_resid_lambdas is not None
+            lane0 = lanes[0] if skip is None else lanes[0] + skip
+            lanes = block.forward_lanes(lane0, lanes[1], x0, self.parallel_post_lambdas[block.layer_idx],
+                                        self.parallel_resid_lambdas[block.layer_idx])
+        if lanes is not None:
+            x = 0.5 * (lanes[0] + lanes[1])
         return self.final_norm(x)
 
     def logits(self, hidden: Tensor) -> Tensor:

@@ -96,10 +96,10 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
-def _adam(params: list[Tensor], lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
+def _adam(params: list[Tensor], lr: float, cfg: OptimConfig, weight_decay: float) -> torch.optim.Optimizer:
     fused = bool(params) and params[0].is_cuda
-    cls = torch.optim.AdamW if cfg.adam_weight_decay else torch.optim.Adam
-    kwargs = {"weight_decay": cfg.adam_weight_decay} if cfg.adam_weight_decay else {}
+    cls = torch.optim.AdamW if weight_decay else torch.optim.Adam
+    kwargs = {"weight_decay": weight_decay} if weight_decay else {}
     return cls([{"params": params, "lr": lr, "base_lr": lr}], betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                fused=fused, **kwargs)
 
@@ -127,10 +127,10 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, tie_embeddings: bool) -
                 weight_decay=cfg.muon_weight_decay, row_normalize=cfg.muon_row_normalize)
     for group in muon.param_groups:
         group["base_lr"] = cfg.matrix_lr
-    optimizers: list[torch.optim.Optimizer] = [_adam(groups["token"], token_lr, cfg), muon,
-                                               _adam(groups["scalar"], cfg.scalar_lr, cfg)]
+    optimizers: list[torch.optim.Optimizer] = [_adam(groups["token"], token_lr, cfg, cfg.embed_weight_decay), muon,
+                                               _adam(groups["scalar"], cfg.scalar_lr, cfg, cfg.adam_weight_decay)]
     if groups["head"]:
-        optimizers.insert(1, _adam(groups["head"], cfg.head_lr, cfg))
+        optimizers.insert(1, _adam(groups["head"], cfg.head_lr, cfg, cfg.adam_weight_decay))
     return optimizers
 
 

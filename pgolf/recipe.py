@@ -52,7 +52,8 @@ class ModelConfig:
     rope_dims: int = 0  # rotary dims per head; 0 = all (partial RoPE uses 16)
     ln_scale: bool = False  # scale block norms by 1/sqrt(layer+1)
     xsa_last_n: int = 0  # exclusive self-attention on the last N layers
-    parallel_start_layer: int = -1  # parallel residual lanes from this layer on; -1 = off
+    parallel_start_layer: int = -1  # parallel residuals from this layer on; -1 = off
+    parallel_variant: Literal["sum", "two_lane"] = "sum"  # x + attn + mlp (#1412/#1493) or two lanes (#1529)
     smear_gate: bool = False  # SmearGate (previous-token mix) at the input
     smear_bos_fix: bool = True  # never smear across a BOS (the record fix for cross-document leak)
 
@@ -115,7 +116,8 @@ class OptimConfig:
     muon_backend_steps: int = 5
     muon_weight_decay: float = 0.0  # decoupled: p *= 1 - lr * wd
     muon_row_normalize: bool = False  # MuonEq-R
-    adam_weight_decay: float = 0.0
+    adam_weight_decay: float = 0.0  # decoupled (AdamW) on scalars and an untied head
+    embed_weight_decay: float = 0.0  # decoupled (AdamW) on the token embedding
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8

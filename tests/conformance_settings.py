@@ -17,6 +17,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # 16 calibration micro-batches (#1626) work at micro scale but take most of the run; 2 still collect
     # every Hessian (self-generated calibration is covered in tests/test_gptq.py).
     "gptq": {"params": {"calibration_batches": 2}},
+    # MICRO has 2 layers and 3 steps: loop both blocks, one pass from step 1 and two from step 2,
+    # with untied MLPs so the round trip also covers the extra pass blocks.
+    "recurrence": {"params": {"loop_start": 0, "loop_end": 1, "num_loops": 2, "enable_at": 0.3, "phase_at": [0.6],
+                              "untie_mlp": True}},
+    "parallel_residuals": {"params": {"start_layer": 1}},  # the decoder half of MICRO's 2 layers
 }
 
 
