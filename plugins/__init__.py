@@ -5,4 +5,8 @@ recipe names the technique; third-party techniques register the same way through
 point group ``pgolf.techniques``.
 """
 
-BUILTINS: dict[str, str] = {}
+BUILTINS: dict[str, str] = {
+    "ppm": "pgolf_plugins.ppm:PPM",
+    "sliding_window": "pgolf_plugins.sliding_window:SlidingWindow",
+    "ttt": "pgolf_plugins.ttt:TTT",
+}
