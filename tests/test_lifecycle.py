@@ -12,8 +12,8 @@ from pgolf.errors import RegistryError, TrainingError
 from pgolf.evalonly import evaluate_target, infer_model_fields
 from pgolf.lifecycle import run_recipe
 from pgolf.registry import Technique
-from tests.conftest import MICRO
 from pgolf.reporter import Reporter
+from tests.conftest import MICRO
 
 M = "tests.test_lifecycle"
 QUIET = Reporter(quiet=True)
