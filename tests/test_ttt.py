@@ -289,3 +289,62 @@ def test_config_checks():
     assert any("sliding_window" in e for e in lora.pgolf_contribute_config_errors(ctx=ctx))
     short = TTT(TTTConfig(chunk_tokens=128))
     assert any("chunk_tokens" in e for e in short.pgolf_contribute_config_errors(ctx=ctx))
+
+
+# --- two ranks (gloo on CPU) ------------------------------------------------------------------
+
+
+def _rank_body(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from pgolf.context import Distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        for mode in TWO_RANK_MODES:
+            scores = _two_rank_case(mode, Distributed(rank=rank, world_size=world))
+            if rank == 0:
+                np.save(f"{out}-{mode}.npy", np.stack([scores.nll, scores.count.astype(np.float64)]))
+                assert compliance.score_before_update(scores, True)["passed"]
+    finally:
+        dist.destroy_process_group()
+
+
+TWO_RANK_MODES = ("sgd", "phased")
+
+
+def _two_rank_case(mode: str, distributed) -> TokenScores:
+    vocab = 64
+    tokens = documents(900, [150, 90, 200, 160, 300], vocab)
+    ctx = context(vocab)
+    ctx.dist = distributed
+    if mode == "sgd":
+        scorer = ChunkedSGDScorer(TTTConfig(lr=0.01, chunk_tokens=128), TTTStats(mode))
+    else:
+        cfg = TTTConfig(mode="lora", lora_rank=4, lora_chunk=16, lora_batch_docs=2, lora_lr=0.01, phases=2,
+                        prefix_docs=3, chunk_tokens=64, lr=0.01)
+        scorer = DocumentLoRAScorer(cfg, TTTStats(mode))
+    scores = run(scorer, random_model(vocab), tokens, sliding_windows(900, 32, 8), ctx)
+    scores.reduce()
+    return scores
+
+
+def test_two_ranks_score_what_one_rank_scores(tmp_path):
+    """Windows and documents split over two gloo ranks, gradients summed: the single-rank scores."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from pgolf.context import Distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "two")
+    mp.spawn(_rank_body, args=(2, port, out), nprocs=2)
+    for mode in TWO_RANK_MODES:
+        nll, count = np.load(f"{out}-{mode}.npy")
+        single = _two_rank_case(mode, Distributed())
+        assert (count[1:] == 1).all()
+        np.testing.assert_allclose(nll, single.nll, rtol=0, atol=1e-5)
