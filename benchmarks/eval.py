@@ -30,8 +30,8 @@ from pgolf_plugins.sliding_window import sliding_windows
 from pgolf_plugins.ttt import ChunkedSGDScorer, DocumentLoRAScorer, TTTConfig, TTTStats
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_SGD = TTTConfig(mode="sgd", chunk_tokens=8192, batch_seqs=8)
-TINY_LORA = TTTConfig(mode="lora", lora_rank=16, lora_chunk=64, lora_lr=1e-3)
+TINY_SGD = TTTConfig(mode="sgd", chunk_tokens=4096, batch_seqs=8, lr=0.02)
+TINY_LORA = TTTConfig(mode="lora", lora_rank=16, lora_chunk=64, lora_lr=3e-3)
 
 
 def main() -> None:

@@ -1,10 +1,11 @@
 """PPM counting and mixing speed: order-4 token mixer over a whole stream, on one CPU core.
 
 The stream is the embedded corpus (training and validation tokens, real text) repeated to the
-requested length. The vectorised path (`prefix_counts` + `mix_target_probs`, what `ppm` runs in
-`pgolf_on_scores`) is timed against a plain Python PPM that keeps a count table per context and
+requested length. The vectorised counting and mixing (`prefix_counts` + `mix_target_probs` with
+one escape) is timed against a plain Python PPM that keeps a count table per context and
 updates it after each token, on a prefix of the stream (the loop is too slow for all of it);
-both give identical probabilities on that prefix, which is checked. Rates are reported in
+both give identical probabilities on that prefix, which is checked. The whole token-mode path
+of the plugin (counting plus the per-block escape choice over its default grid) is timed too. Rates are reported in
 wall-clock time and in this process's CPU time (one thread, so the CPU rate is not disturbed by
 other processes on a shared machine); the target is 1,000,000 tokens/s in CPU time. Prints one
 JSON line last.
@@ -22,7 +23,7 @@ import torch
 
 from pgolf.data import ensure_embedded_dataset
 from pgolf.shards import TRAIN_GLOB, VAL_GLOB, list_shards, read_shard
-from pgolf_plugins.ppm import mix_target_probs, prefix_counts
+from pgolf_plugins.ppm import PPMConfig, choose_escapes, mix_target_probs, prefix_counts
 
 TARGET_TOKENS_PER_S = 1_000_000
 
@@ -82,6 +83,10 @@ def main() -> None:
         return mix_target_probs(p, prefix_counts(t, args.order), 1.0)
 
     wall, cpu, _ = timed(vectorised, args.repeats)
+    grid, block = PPMConfig().escape, PPMConfig().escape_block
+    scored = np.ones(tokens.shape[0], dtype=bool)
+    _, plugin_cpu, _ = timed(lambda: choose_escapes(p_nn, prefix_counts(tokens, args.order), grid, scored, block),
+                             args.repeats)
     n_loop = min(args.loop_tokens, tokens.shape[0])
     loop_wall, loop_cpu, loop_probs = timed(lambda: python_loop(tokens[:n_loop], p_nn[:n_loop], args.order, 1.0), 1)
     prefix = vectorised(tokens[:n_loop], p_nn[:n_loop])
@@ -96,6 +101,8 @@ def main() -> None:
         "seconds_cpu": round(cpu, 3),
         "tokens_per_s_wall": round(tokens.shape[0] / wall),
         "tokens_per_s_cpu": round(rate_cpu),
+        "plugin_path_tokens_per_s_cpu": round(tokens.shape[0] / plugin_cpu),
+        "escape_grid": len(grid),
         "python_loop_tokens": n_loop,
         "python_loop_tokens_per_s_cpu": round(n_loop / loop_cpu),
         "speedup_vs_python_loop_cpu": round(rate_cpu / (n_loop / loop_cpu), 1),

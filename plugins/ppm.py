@@ -8,9 +8,11 @@ context orders 1..N of the token stream *before* p over the network's softmax as
 where n_k counts earlier occurrences of the k-token context, c_k(y) those followed by y, u_k the
 distinct followers, and e (``escape``) how much the network is trusted over the counts (e = 1 is
 Witten–Bell). Every P_k is a full distribution over the vocabulary (it sums to 1 whatever the
-counts), and it depends only on tokens < p and the network's output at p. The counts of every
-position come from a few stable sorts of context ids over the whole stream (no Python loop per
-token; `benchmarks/ppm.py`).
+counts), and it depends only on tokens < p and the network's output at p. e is chosen from a
+list by prefix-only statistics: each block of positions uses the value whose mixture had the
+lowest NLL on everything scored before the block (the first block, with nothing scored yet,
+trusts the network most). The counts of every position come from a few stable sorts of context
+ids over the whole stream (no Python loop per token; `benchmarks/ppm.py`).
 
 ``mode: bytes`` reproduces the byte-level PPM mixtures of the open PRs (#1835 and its followers,
 see Issue #1872): a PPM-C byte model (orders 0..5, no exclusion) mixed per byte with the network's
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -156,6 +158,33 @@ def mix_target_probs(p_nn: np.ndarray, orders: list[OrderCounts], escape: float)
         weight = escape * o.distinct
         p = np.where(o.seen > 0, (o.hits + weight * p) / np.maximum(o.seen + weight, 1e-300), p)
     return p
+
+
+def choose_escapes(p_nn: np.ndarray, orders: list[OrderCounts], grid: list[float], scored: np.ndarray,
+                   block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mixed probability of every position's token, escape used there), e picked per block.
+
+    Block b (positions b*block .. (b+1)*block - 1) uses the grid value with the lowest summed NLL
+    over scored positions before b*block; block 0 uses the largest value (trust the network).
+    Two passes over the grid keep memory at a few stream-length arrays.
+    """
+    n = p_nn.shape[0]
+    blocks = -(-n // block)
+    starts = np.arange(blocks) * block
+    loss = np.zeros((len(grid), blocks))
+    for g, e in enumerate(grid):
+        nll = np.where(scored, -np.log(mix_target_probs(p_nn, orders, e)), 0.0)
+        loss[g] = np.add.reduceat(nll, starts)
+    before = np.cumsum(loss, axis=1) - loss  # NLL of everything before each block
+    choice = np.argmin(before, axis=0)
+    choice[0] = int(np.argmax(grid))
+    per_position = np.repeat(choice, block)[:n]
+    mixed = np.empty(n)
+    for g, e in enumerate(grid):
+        here = per_position == g
+        if here.any():
+            mixed[here] = mix_target_probs(p_nn, orders, e)[here]
+    return mixed, np.asarray(grid, dtype=np.float64)[per_position]
 
 
 def mixed_distribution(tokens: np.ndarray, p: int, p_nn: np.ndarray, max_order: int, escape: float) -> np.ndarray:
@@ -365,7 +394,10 @@ def byte_mix_distribution(tokens: np.ndarray, p: int, nn_logp: np.ndarray, table
 class PPMConfig:
     mode: Literal["token", "bytes"] = "token"
     order: int | None = None  # context orders 1..order (token: 4); bytes: orders 0..order (5, PR #1835)
-    escape: float = 1.0  # token mode: weight of the network below every seen context (1 = Witten–Bell)
+    # token mode: candidate weights e of the network below every seen context (1 = Witten–Bell);
+    # each block of `escape_block` positions uses the one best on the text scored before it
+    escape: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 256.0, 1024.0])
+    escape_block: int = 4096
     lambda_hi: float = 0.9  # bytes mode (PR #1835): network weight when the PPM is not confident
     lambda_lo: float = 0.05  # bytes mode: network weight when it is
     threshold: float = 0.9  # bytes mode: confidence that switches λ
@@ -379,8 +411,10 @@ class PPMConfig:
             return "order", "order must be at least 1 (token mode) or 0 (bytes mode)"
         if self.mode == "bytes" and self.effective_order > MAX_BYTE_ORDER:
             return "order", f"bytes mode supports orders up to {MAX_BYTE_ORDER}"
-        if self.escape <= 0:
-            return "escape", "escape must be positive"
+        if not self.escape or min(self.escape) <= 0:
+            return "escape", "escape must be a non-empty list of positive numbers"
+        if self.escape_block <= 0:
+            return "escape_block", "escape_block must be positive"
         if not (0 < self.lambda_lo < 1 and 0 < self.lambda_hi < 1):
             return "lambda_hi", "lambda_hi and lambda_lo must lie strictly between 0 and 1"
         return None
@@ -393,6 +427,7 @@ class PPMStats:
     nn_bpb: float
     mixed_bpb: float
     seconds: float
+    final_escape: float | None  # token mode: the escape the last block used
 
     def as_metrics(self) -> dict[str, Any]:
         return {f"ppm_{k}": (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
@@ -413,11 +448,13 @@ class PPM(Technique):
         before = loss_and_bpb(*scores.totals()) if scored.any() else (float("nan"), float("nan"))
         if cfg.mode == "token":
             counts = prefix_counts(scores.tokens, order)
-            mixed = mix_target_probs(np.exp(-scores.nll), counts, cfg.escape)
+            mixed, escape = choose_escapes(np.exp(-scores.nll), counts, cfg.escape, scored, cfg.escape_block)
             scores.nll[scored] = -np.log(mixed[scored])
             for p, logp in scores.probes.items():
-                scores.probes[p] = np.log(mixed_distribution(scores.tokens, p, np.exp(logp), order, cfg.escape))
+                scores.probes[p] = np.log(mixed_distribution(scores.tokens, p, np.exp(logp), order, escape[p]))
+            final_escape = float(escape[np.flatnonzero(scored)[-1]]) if scored.any() else None
         else:
+            final_escape = None
             table = TokenBytes.from_tokenizer(load_tokenizer(ctx.dataset.tokenizer_path), ctx.recipe.model.vocab_size)
             mix = ByteMixConfig(order, cfg.lambda_hi, cfg.lambda_lo, cfg.threshold)
             scores.nll[scored] = byte_mix_nll(scores.tokens, scores.nll, table, mix)[scored]
@@ -425,7 +462,7 @@ class PPM(Technique):
                 scores.probes[p] = byte_mix_distribution(scores.tokens, p, logp, table, mix)
         after = loss_and_bpb(*scores.totals()) if scored.any() else (float("nan"), float("nan"))
         ctx.stash.setdefault(self.name, []).append(
-            PPMStats(cfg.mode, order, before[1], after[1], time.perf_counter() - start))
+            PPMStats(cfg.mode, order, before[1], after[1], time.perf_counter() - start, final_escape))
 
     def pgolf_contribute_metrics(self, ctx: RunContext) -> dict[str, Any]:
         runs = ctx.stash.get(self.name, [])

@@ -17,6 +17,7 @@ from pgolf_plugins.ppm import (
     byte_mix_distribution,
     byte_mix_nll,
     byte_ppm_logprobs,
+    choose_escapes,
     mix_target_probs,
     mixed_distribution,
     prefix_counts,
@@ -67,6 +68,30 @@ def test_the_mixer_at_p_ignores_every_token_after_p():
     perturbed[cut + 1 :] = rng.integers(0, vocab, size=n - cut - 1)
     other = mix_target_probs(p_nn[np.arange(n), perturbed], prefix_counts(perturbed, 4), 1.0)
     np.testing.assert_array_equal(base[: cut + 1], other[: cut + 1])
+
+
+def test_each_block_uses_the_escape_best_on_the_text_scored_before_it():
+    rng = np.random.default_rng(3)
+    tokens = np.tile(rng.integers(0, 40, size=150), 12)
+    p_nn = rng.uniform(0.01, 0.1, size=tokens.size)
+    scored = np.ones(tokens.size, dtype=bool)
+    scored[:1] = False
+    orders = prefix_counts(tokens, 3)
+    grid = [1.0, 8.0, 64.0]
+    mixed, escape = choose_escapes(p_nn, orders, grid, scored, block=200)
+    candidates = {e: mix_target_probs(p_nn, orders, e) for e in grid}
+    assert (escape[:200] == 64.0).all()  # nothing scored yet: trust the network
+    for b in range(1, -(-tokens.size // 200)):
+        prefix = np.arange(b * 200)
+        best = min(grid, key=lambda e: -np.log(candidates[e][prefix][scored[prefix]]).sum())
+        assert (escape[b * 200 : (b + 1) * 200] == best).all()
+    for e in grid:
+        np.testing.assert_array_equal(mixed[escape == e], candidates[e][escape == e])
+    cut = 777  # the choice at p never looks past p
+    perturbed = tokens.copy()
+    perturbed[cut + 1 :] = rng.integers(0, 40, size=tokens.size - cut - 1)
+    other, _ = choose_escapes(p_nn, prefix_counts(perturbed, 3), grid, scored, block=200)
+    np.testing.assert_array_equal(mixed[: cut + 1], other[: cut + 1])
 
 
 def test_unseen_contexts_keep_the_network_and_a_large_escape_tends_to_it():
