@@ -271,12 +271,14 @@ def document_spans(tokens: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndar
 def chunk_window(ci: int, pred_len: int, chunk: int, context: int) -> tuple[int, int, int, int]:
     """(window start, window length, chunk offset, chunk length) of chunk ci of a document.
 
-    The window ends at the chunk's end and reaches back at most `context` tokens into the
-    document; the chunk's targets are the window's last `chunk length` targets.
+    The window ends at the chunk's end and starts where the window of a full chunk would, at most
+    `context` tokens before the chunk's full end. The records start a document's short last chunk
+    `context` tokens before the document's end instead; that gives its targets a context that
+    depends on where the next BOS falls (a later token), which the causality audit catches.
     """
     count = -(-pred_len // chunk)
     end = pred_len if ci == count - 1 else (ci + 1) * chunk
-    win_start = max(0, end - context)
+    win_start = max(0, (ci + 1) * chunk - context)
     return win_start, end - win_start, ci * chunk - win_start, end - ci * chunk
 
 
@@ -400,9 +402,10 @@ class DocumentLoRAScorer:
         scores.windows = document_windows(starts, ends, cfg.lora_chunk, context)
         lora = LoRAModel(model, cfg, ctx.recipe.seed)
         probes = set(ctx.audit_positions)
-        prefix = min(cfg.prefix_docs, len(starts)) if cfg.phases else 0
-        bounds = phase_boundaries(prefix, cfg.phases) if cfg.phases else []
-        edges = [0, *bounds, len(starts)]
+        # boundaries are fixed document counts: whether a phase ends never depends on how many
+        # documents follow (a stream with fewer documents simply never reaches it)
+        bounds = phase_boundaries(cfg.prefix_docs, cfg.phases) if cfg.phases else []
+        edges = [0, *(min(b, len(starts)) for b in bounds), len(starts)]
         model.eval()
         for k in range(len(edges) - 1):
             docs = np.arange(edges[k], edges[k + 1])
@@ -453,7 +456,7 @@ class DocumentLoRAScorer:
                     b, col = np.argwhere((targets == p) & mask)[0]
                     scores.probes[int(p)] = torch.log_softmax(logits[b, col].detach().float(), -1).double().cpu().numpy()
                 if trains.any():
-                    full_offset = ci * cfg.lora_chunk - max(0, (ci + 1) * cfg.lora_chunk - context)
+                    full_offset = chunk_window(ci, (ci + 1) * cfg.lora_chunk, cfg.lora_chunk, context)[2]
                     per_doc = nll[:, full_offset : full_offset + cfg.lora_chunk].mean(dim=-1)
                     tick = scores.tick()
                     for s in starts[trains]:

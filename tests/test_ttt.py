@@ -82,6 +82,9 @@ def test_chunk_window_golden_cases():
     assert chunk_window(0, 100, 32, 2048) == (0, 32, 0, 32)
     assert chunk_window(3, 100, 32, 2048) == (0, 100, 96, 4)  # the short last chunk
     assert chunk_window(5, 400, 32, 64) == (128, 64, 32, 32)  # the context reaches back 64 tokens
+    # a short last chunk keeps the window start of a full one (the records would start at 116,
+    # making its context depend on where the document ends)
+    assert chunk_window(5, 180, 32, 64) == (128, 52, 32, 20)
 
 
 def test_phase_boundaries_of_the_records():
@@ -254,6 +257,28 @@ def test_lora_adapts_within_a_document_and_the_first_chunk_is_untouched():
     adapted = run(DocumentLoRAScorer(cfg, TTTStats("lora")), random_model(vocab), tokens, plain_windows(400, 32), ctx)
     np.testing.assert_array_equal(adapted.nll[1:17], plain.nll[1:17])
     assert adapted.nll[17:].sum() < plain.nll[17:].sum()
+
+
+@pytest.mark.parametrize("cfg", [
+    TTTConfig(mode="lora", lora_rank=4, lora_chunk=16, lora_batch_docs=2, lora_lr=0.01),
+    TTTConfig(mode="lora", lora_rank=4, lora_chunk=16, lora_batch_docs=2, lora_lr=0.01, phases=3, prefix_docs=9,
+              chunk_tokens=64, lr=0.01),
+], ids=["lora", "phased"])
+def test_document_scores_never_depend_on_what_follows(cfg):
+    """Later text may end the cut's document early and add documents (so fewer or more phases
+    complete); no score at or before the cut may change."""
+    vocab = 64
+    tokens = documents(1000, [90, 150, 60, 200, 120, 100, 180, 100], vocab)
+    cut = 455  # inside the fourth document, 20 targets into a 16-target chunk grid
+    other = tokens.copy()
+    other[cut + 1 :] = np.random.default_rng(5).integers(2, vocab, size=tokens.size - cut - 1)
+    other[[cut + 3, cut + 60, cut + 130, cut + 300]] = BOS
+    ctx = context(vocab)
+    windows = plain_windows(1000, 32)
+    base = run(DocumentLoRAScorer(cfg, TTTStats("lora")), random_model(vocab), tokens, windows, ctx)
+    changed = run(DocumentLoRAScorer(cfg, TTTStats("lora")), random_model(vocab), other, windows, ctx)
+    np.testing.assert_allclose(base.nll[: cut + 1], changed.nll[: cut + 1], rtol=0, atol=1e-6)  # batch shapes differ
+    assert not np.array_equal(base.nll[cut + 1 :], changed.nll[cut + 1 :])
 
 
 def test_depth_recurrence_gets_one_adapter_per_virtual_layer():
