@@ -242,7 +242,8 @@ def test_zero_learning_rate_lora_equals_the_plain_document_isolated_evaluation()
     starts, ends = document_spans(tokens, BOS)
     doc_windows = document_windows(starts, ends, 16, 32)
     plain = run(WindowScorer(), random_model(vocab), tokens, doc_windows, ctx)
-    np.testing.assert_array_equal(adapted.nll, plain.nll)
+    # the same windows, batched differently (documents padded to a common width): float32 rounding only
+    np.testing.assert_allclose(adapted.nll, plain.nll, rtol=0, atol=1e-6)
     assert (adapted.count[1:] == 1).all() and adapted.windows is not None
 
 
