@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -39,7 +40,7 @@ def guarded(debug: bool, fn: Callable[[], T]) -> T:
     except PgolfError as exc:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc.render()}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(exc.render())}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
@@ -88,21 +89,6 @@ class RichReporter(Reporter):
             self.progress_bar = None
 
 
-def recipe_overrides(scale: str | None, data: Path | None, tokenizer: Path | None, seed: int | None,
-                     steps: int | None, sets: list[str]) -> list[str]:
-    """CLI flags as `key=value` overrides, applied after the scale so they always win."""
-    out: list[str] = []
-    if data is not None:
-        out.append(f"data.dir={json.dumps(str(data))}")
-    if tokenizer is not None:
-        out.append(f"data.tokenizer={json.dumps(str(tokenizer))}")
-    if seed is not None:
-        out.append(f"seed={seed}")
-    if steps is not None:
-        out += [f"train.iterations={steps}", "train.max_wallclock_seconds=0"]
-    return out + list(sets)
-
-
 def default_out_dir(name: str, scale: str | None, seed: int) -> Path:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{name}{'-' + scale if scale else ''}-seed{seed}-{stamp}"
@@ -146,9 +132,9 @@ def run(
 
     def body() -> dict[str, Any]:
         from pgolf.lifecycle import init_distributed, run_recipe
-        from pgolf.recipe import load_recipe
+        from pgolf.recipe import flag_overrides, load_recipe
 
-        r = load_recipe(recipe, recipe_overrides(scale, data, tokenizer, seed, steps, set_), scale=scale)
+        r = load_recipe(recipe, flag_overrides(data, tokenizer, seed, steps, set_), scale=scale)
         out_dir = out or default_out_dir(r.name, r.scale, r.seed)
         main_rank = init_distributed().is_main
         reporter = RichReporter(enabled=main_rank)
@@ -219,6 +205,142 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     guarded(debug, body)
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PgolfError(f"{flag} expects comma-separated numbers, got '{text}'",
+                         hint=f"For example: {flag} 1.0811,1.0809,1.0815") from None
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PgolfError(f"{flag} expects comma-separated integers, got '{text}'",
+                         hint=f"For example: {flag} 42,314,999") from None
+
+
+def render_ablation(summary: dict[str, Any], fmt: str, plot: Path | None) -> None:
+    """Print an ablation's table in the chosen format (stdout) and draw its plot."""
+    from pgolf import ablation_report as report
+
+    if fmt not in report.FORMATS:
+        raise PgolfError(f"unknown --format '{fmt}'", hint=f"Choose one of: {', '.join(report.FORMATS)}.")
+    if fmt == "table":
+        # Piped output gets room for the whole table; a terminal keeps its own width.
+        target = console if console.is_terminal else Console(width=max(console.width, 190))
+        for renderable in report.render_table(summary):
+            target.print(renderable)
+    else:
+        text = {"md": report.render_markdown, "csv": report.render_csv, "json": report.render_json}[fmt](summary)
+        sys.stdout.write(text)
+    if plot is not None:
+        report.plot(summary, plot)
+        err_console.print(f"plot written to {plot}", markup=False, highlight=False)
+
+
+@app.command()
+def ablate(
+    target: Path = typer.Argument(..., help="A recipe YAML, or an ablation spec (ablations/NAME.yaml) with the same fields."),
+    toggle: str | None = typer.Option(None, help="Techniques to toggle on and off, comma-separated (e.g. ema,sliding_window)."),
+    seeds: str | None = typer.Option(None, help="Seeds, comma-separated (default 42,314,999). Every seed counts."),
+    design: str | None = typer.Option(None, help="factorial (default) | one-at-a-time | leave-one-out."),
+    baseline: str | None = typer.Option(None, help="The arm variants are tested against: all-off (default) | recipe."),
+    workers: int | None = typer.Option(None, help="Worker processes: one run per GPU, or CPU threads divided (default 1)."),
+    out: Path | None = typer.Option(None, help="Ablation directory (default: runs/ablate-<recipe>-<scale>-<toggles>)."),
+    scale: str | None = typer.Option(None, help="Scale overlay, e.g. 'tiny' for a CPU run on the embedded corpus."),
+    data: Path | None = typer.Option(None, help="Directory of challenge shards."),
+    tokenizer: Path | None = typer.Option(None, help="SentencePiece .model for --data."),
+    steps: int | None = typer.Option(None, help="Step-matched mode: exactly N steps, no wallclock cap."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe value: key.path=value (repeatable)."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again the stages that failed before."),
+    fmt: str = typer.Option("table", "--format", help="table | md | csv | json."),
+    plot: Path | None = typer.Option(None, help="Also draw each arm's val_bpb with its CI to this PNG (needs matplotlib)."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Toggle techniques across seeds; train once per distinct model; Welch tests against the baseline arm."""
+
+    def body() -> dict[str, Any]:
+        from pgolf.ablation import is_spec_file, load_spec, run_ablation, spec_from_flags, split_list
+
+        flags = {"toggle": split_list(toggle), "seeds": _ints(seeds, "--seeds") if seeds else None,
+                 "design": design, "baseline": baseline, "workers": workers, "out": str(out) if out else None,
+                 "scale": scale, "data": str(data) if data else None,
+                 "tokenizer": str(tokenizer) if tokenizer else None, "steps": steps, "set": list(set_) or None}
+        spec = load_spec(target, flags) if is_spec_file(target) else spec_from_flags(target, flags)
+        log = lambda message: err_console.print(message, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+        directory, summary = run_ablation(spec, retry_failed=retry_failed, log=log)
+        render_ablation(summary, fmt, plot)
+        err_console.print(f"summary: {directory}/summary.json", markup=False, highlight=False)
+        return summary
+
+    summary = guarded(debug, body)
+    if any(run["status"] != "ok" for run in summary["runs"]):
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    directory: Path = typer.Argument(..., help="An ablation directory written by pgolf ablate."),
+    fmt: str = typer.Option("table", "--format", help="table | md | csv | json."),
+    plot: Path | None = typer.Option(None, help="Also draw each arm's val_bpb with its CI to this PNG (needs matplotlib)."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Re-render an ablation's table from its stored results (runs nothing)."""
+
+    def body() -> None:
+        from pgolf.ablation_report import load_summary
+
+        render_ablation(load_summary(directory), fmt, plot)
+
+    guarded(debug, body)
+
+
+@app.command("stats")
+def stats_cmd(
+    new: str = typer.Option(..., help="Per-seed scores of the new submission (val_bpb), comma-separated."),
+    old: str = typer.Option(..., help="Per-seed scores of the record it must beat, comma-separated."),
+    margin_nats: float = typer.Option(0.005, help="The written rule's margin in nats per token."),
+    tokens_per_byte: float | None = typer.Option(None, help="Tokens per byte of the runs (val_bpb * ln 2 / val_loss), "
+                                                 "to convert the margin to bpb; without it the written rule is not tested."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Compare two sets of per-seed scores by the leaderboard's one-sided Welch test and the written rule."""
+
+    def body() -> None:
+        from pgolf import stats
+
+        new_scores, old_scores = _floats(new, "--new"), _floats(old, "--old")
+        if len(new_scores) < 2 or len(old_scores) < 2:
+            raise PgolfError("a Welch test needs at least two scores in each of --new and --old",
+                             hint="Give one val_bpb per seed.")
+        if tokens_per_byte is not None and tokens_per_byte <= 0:
+            raise PgolfError("--tokens-per-byte must be positive", hint="It is val_bpb * ln 2 / val_loss of a run.")
+        c = stats.compare(new_scores, old_scores, tokens_per_byte=tokens_per_byte, margin_nats=margin_nats)
+        if as_json:
+            print(json.dumps(c.to_dict(), indent=2))
+            return
+        print(f"new: n={c.n_new} mean={c.mean_new:.6f} std={c.std_new:.6f}")
+        print(f"old: n={c.n_old} mean={c.mean_old:.6f} std={c.std_old:.6f}")
+        nats = f" ({c.delta_nats:+.6f} nats at {tokens_per_byte} tokens/byte)" if c.delta_nats is not None else ""
+        print(f"delta (new - old): {c.delta:+.6f} bpb, 95% CI [{c.ci_low:+.6f}, {c.ci_high:+.6f}]{nats}")
+        print(f"one-sided Welch t-test (H1: new lower): t = {c.t:.4f}, Welch df = {c.df:.3f}, p = {c.p_value:.4g}")
+        print(f"  = {stats.SCIPY_CALL}")
+        if c.p_value_margin is not None:
+            print(f"with the {margin_nats}-nat margin ({c.margin_bpb:.6f} bpb): t = {c.t_margin:.4f}, "
+                  f"df = {c.df_margin:.3f}, p = {c.p_value_margin:.4g}")
+        verdict = {True: "PASS", False: "FAIL", None: "not tested (pass --tokens-per-byte)"}
+        print(f"leaderboard practice (p < {stats.PRACTICE_ALPHA}, no margin): {verdict[c.verdicts['practice']]}")
+        print(f"written rule (p < {stats.RULE_ALPHA}, {margin_nats}-nat margin): {verdict[c.verdicts['rule']]}")
+        needed = "not applicable (new is not lower)" if c.seeds_needed is None else str(c.seeds_needed)
+        print(f"seeds per arm to detect this delta at this sigma (power {stats.POWER}, alpha {stats.POWER_ALPHA}): "
+              f"{needed}")
+
+    guarded(debug, body)
+
+
 @data_app.command("text")
 def data_text(
     inputs: list[Path] = typer.Argument(..., help="Plain-text files, or JSONL files with a 'text' field per line."),
@@ -227,18 +349,57 @@ def data_text(
     val_docs: int | None = typer.Option(None, help="Number of validation documents (default: 10% of documents, at least 1)."),
     doc_mode: str = typer.Option("file", help="How plain-text files split into documents: 'file' (one per file) or 'paragraph'."),
     transform: str | None = typer.Option(None, help="Apply a technique's text transform (e.g. casefold) before tokenizing."),
+    casefold: bool = typer.Option(False, "--casefold", help="Same as --transform casefold: lossless CaseOps with a byte sidecar."),
     tokenizer: Path | None = typer.Option(None, help="Use this SentencePiece model instead of training one."),
     debug: bool = typer.Option(False, help="Show tracebacks."),
 ) -> None:
     """Turn local text or JSONL into a tokenizer (the challenge's trainer settings) and train/val shards."""
 
     def body() -> None:
+        from pgolf.errors import ConfigError
         from pgolf.textdata import build_dataset, read_documents, split_train_val, transform_by_name
 
+        nonlocal transform
+        if casefold:
+            if transform not in (None, "casefold"):
+                raise ConfigError(f"--casefold and --transform {transform} ask for two transforms", hint="Pass one of them.")
+            transform = "casefold"
         docs = read_documents(inputs, doc_mode)
         train_docs, val = split_train_val(docs, val_docs)
         built = build_dataset(out, train_docs, val, vocab, transform=transform_by_name(transform), tokenizer=tokenizer)
         console.print_json(json.dumps(built.manifest))
+
+    guarded(debug, body)
+
+
+@data_app.command("fineweb")
+def data_fineweb(
+    variant: str = typer.Option("sp1024", help="Tokenizer family of the export: sp1024 or sp8192."),
+    train_shards: int = typer.Option(80, help="Training shards to fetch (100M tokens each; the first N of the frozen order)."),
+    out: Path | None = typer.Option(None, help="Output directory (default: data/fineweb10B_<variant>)."),
+    repo_id: str = typer.Option("willdepueoai/parameter-golf", help="Hugging Face dataset repository of the export."),
+    revision: str | None = typer.Option(None, help="Branch, tag or commit of --repo-id."),
+    local_repo: Path | None = typer.Option(None, help="Copy from a local directory laid out like the repository instead."),
+    remote_root: str = typer.Option("datasets", help="Folder of the repository that holds manifest.json."),
+    debug: bool = typer.Option(False, help="Show tracebacks."),
+) -> None:
+    """Fetch the challenge's cached FineWeb shards and tokenizer (checked, resumable)."""
+
+    def body() -> None:
+        from pgolf.fineweb import dataset_name, fetch_fineweb, source_for
+
+        target = out or Path("data") / dataset_name(variant)
+        source = source_for(repo_id, local_repo, revision)
+        console.print(f"[bold]pgolf data fineweb[/] {dataset_name(variant)} from {escape(source.description)} -> "
+                      f"{escape(str(target))}")
+        report = fetch_fineweb(source, target, variant=variant, train_shards=train_shards, remote_root=remote_root,
+                               log=lambda line: console.print(line, markup=False, highlight=False))
+        m = report.manifest
+        console.print(f"{len(report.fetched)} file(s) fetched, {len(report.skipped)} already complete; "
+                      f"{m['val_shards']} validation shard(s) ({m['tokens_val']:,} tokens), {m['train_shards']} training "
+                      f"shard(s) ({m['tokens_train']:,} tokens), tokenizer {report.tokenizer.name}")
+        vocab = "" if report.vocab_size == 1024 else f" --set model.vocab_size={report.vocab_size}"
+        console.print(f"run with: pgolf run recipes/best.yaml --data {target}{vocab}", markup=False, highlight=False)
 
     guarded(debug, body)
 

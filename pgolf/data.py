@@ -22,7 +22,7 @@ from pgolf import shards
 from pgolf.bpb import build_byte_tables, stream_bytes
 from pgolf.corpus import cache_dir, corpus_id, embedded_documents, is_validation_document
 from pgolf.errors import DataError
-from pgolf.textdata import TextTransform, build_dataset, read_manifest
+from pgolf.textdata import DATASET_FORMAT, TextTransform, build_dataset, read_manifest
 from pgolf.tokenizer import load_tokenizer
 
 TRAIN_PURPOSES = ("train", "calibration", "frequency")
@@ -196,7 +196,8 @@ def ensure_embedded_dataset(vocab_size: int, transform: TextTransform | None = N
     """Tokenize the embedded corpus once per (vocab, transform) and cache the shards."""
     out = embedded_dataset_dir(vocab_size, transform)
     with file_lock(out.with_suffix(".lock")):
-        if read_manifest(out) is None:
+        manifest = read_manifest(out)
+        if manifest is None or manifest.get("format") != DATASET_FORMAT:
             docs = embedded_documents()
             train = [d for d in docs if not is_validation_document(d)]
             val = [d for d in docs if is_validation_document(d)]
@@ -240,6 +241,12 @@ def load_dataset(
     val_tokens = np.concatenate(parts)
     bytes_files = shards.list_shards(directory, shards.VAL_BYTES_GLOB)
     manifest = read_manifest(directory) or {}
+    wanted = transform.name if transform else None
+    if "transform" in manifest and manifest["transform"] != wanted:
+        # Otherwise toggling a transform off in an ablation would silently rerun the same data.
+        raise DataError(f"the shards in {directory} were made with text transform {manifest['transform'] or 'none'}, "
+                        f"but the recipe asks for {wanted or 'none'}",
+                        hint="Enable the matching technique (e.g. casefold) or point --data at shards made for this recipe.")
     if bytes_files:
         val_bytes = np.concatenate([np.asarray(shards.read_shard(p), dtype=np.int32) for p in bytes_files])
         if val_bytes.shape != val_tokens.shape:
@@ -260,8 +267,10 @@ def load_dataset(
         val_tokens=val_tokens,
         val_bytes=val_bytes,
         byte_source=byte_source,
-        transform=manifest.get("transform"),
-        lossless=bool(manifest.get("lossless", True)),
+        # Shards without a pgolf manifest (the challenge's CaseOps export) are taken to be made
+        # with the transform the run asks for; the transform's own checks guard that.
+        transform=manifest.get("transform", transform.name if transform else None),
+        lossless=bool(manifest.get("lossless", transform.lossless if transform else True)),
         source=source,
         ledger=ledger,
     )

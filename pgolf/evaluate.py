@@ -108,9 +108,15 @@ class TokenScores:
         """Combine the ranks' disjoint shares (DDP) so every rank holds the whole stream."""
         if not (dist.is_available() and dist.is_initialized()):
             return
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
         for arr, op in ((self.nll, dist.ReduceOp.SUM), (self.count, dist.ReduceOp.SUM), (self.score_tick, dist.ReduceOp.MAX)):
             t = torch.from_numpy(arr)
-            dist.all_reduce(t, op=op)
+            if device is None:
+                dist.all_reduce(t, op=op)  # in place on the numpy buffer
+            else:  # NCCL reduces device tensors only
+                on_device = t.to(device)
+                dist.all_reduce(on_device, op=op)
+                arr[...] = on_device.cpu().numpy()
         gathered: list[object] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (self.probes, self.updates))
         self.probes, self.updates = {}, []

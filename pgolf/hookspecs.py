@@ -31,6 +31,8 @@ returning a value, and the baseline is simply "no techniques enabled"::
     # export -------------------------------------------------------------------------
     pgolf_on_export_start(model, ctx)                    # calibration (GPTQ Hessians), charged to
                                                          # the training budget via the reserve
+        w = pgolf_contribute_calibration_weights(input_ids, ctx)   # called by gptq per batch:
+                                                         # per-position Hessian row weights
     for name, tensor in state_dict:
         spec = host default QuantSpec
         pgolf_on_quant_spec(name, tensor, spec, ctx)     # bits, clip, row split (ordered)
@@ -97,7 +99,7 @@ def pgolf_contribute_config_errors(ctx: RunContext) -> list[str] | None:
 
     Each string is one complete sentence; the run stops before data or training if any is
     returned. Used by: casefold (needs a byte sidecar), gptq (needs a budget reserve on
-    wallclock runs), ttt.
+    wallclock runs), sdclip and freq_weighting (modes that need gptq), ttt.
     """
 
 
@@ -155,7 +157,8 @@ def pgolf_provide_optimizers(model: nn.Module, ctx: RunContext) -> list[Any] | N
 def pgolf_contribute_train_reserve_seconds(ctx: RunContext) -> float | None:
     """Return seconds to take off the training wallclock for work charged to training time.
 
-    Used by: gptq (Hessian calibration on training shards must finish inside the 600 s).
+    Used by: gptq (Hessian calibration on training shards must finish inside the 600 s),
+    freq_weighting (token counts on training shards at export).
     """
 
 
@@ -211,7 +214,19 @@ def pgolf_on_export_start(model: nn.Module, ctx: RunContext) -> None:
     Reading training shards here is legal only inside the training budget: the host charges
     this hook's time to training, and techniques that use it declare a reserve with
     ``pgolf_contribute_train_reserve_seconds``. Validation data is never reachable from here.
-    Used by: gptq, freq_weighting (counts on training shards).
+    Used by: gptq, freq_weighting (counts on training shards), sdclip (mode: target keeps the
+    state it searches over).
+    """
+
+
+@hookspec
+def pgolf_contribute_calibration_weights(input_ids: torch.Tensor, ctx: RunContext) -> torch.Tensor | None:
+    """Return per-position weights, shaped like ``input_ids`` [batch, seq], for one calibration batch.
+
+    Called by the technique that collects GPTQ Hessians (not by the host), once per calibration
+    batch: every input row X_t of every quantized layer enters ``H += w_t * X_t^T X_t``, so a
+    weight of 2 counts that position twice. Contributions are multiplied together.
+    Called by: gptq. Used by: freq_weighting (mode: hessian).
     """
 
 
@@ -236,7 +251,9 @@ def pgolf_quantize_tensor(name: str, tensor: torch.Tensor, spec: QuantSpec, ctx:
 def pgolf_on_artifact_loaded(model: nn.Module, ctx: RunContext) -> None:
     """The artifact was decoded into ``model``; re-activate eval-time structure.
 
-    Used by: recurrence (looping is always on at evaluation).
+    Also called, for train-stage techniques only, when the ablation runner loads a cached
+    checkpoint before export: the model must then be as training left it. Used by: recurrence
+    (looping is always on at evaluation).
     """
 
 
@@ -274,7 +291,7 @@ def pgolf_on_scores(scores: TokenScores, ctx: RunContext) -> None:
 
 @hookspec
 def pgolf_contribute_metrics(ctx: RunContext) -> dict[str, Any] | None:
-    """Return extra metrics for result.json (collected). Used by: ttt, ppm, gptq."""
+    """Return extra metrics for result.json (collected). Used by: ttt, ppm, gptq, sdclip."""
 
 
 @hookspec

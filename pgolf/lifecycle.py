@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import hashlib
+import inspect
 import json
 import os
 import platform
@@ -164,13 +165,17 @@ class Session:
         """A freshly initialised model with every structure-changing technique applied."""
         model = self.hook.pgolf_provide_model(ctx=self.ctx)
         self.hook.pgolf_on_model_built(model=model, ctx=self.ctx)
+        return prepare_for_device(model, self.device)
+
+    def attach_loss_weights(self, model: nn.Module) -> None:
+        """Per-token training loss weights (frequency weighting). Only training reads them, so a
+        decoded artifact never asks for them (they may come from training-shard statistics)."""
         weights = [w for w in self.hook.pgolf_contribute_loss_weights(ctx=self.ctx) if w is not None]
         if weights:
             total = torch.ones(self.recipe.model.vocab_size)
             for w in weights:
                 total = total * w.float().cpu()
-            model.loss_weights = total
-        return prepare_for_device(model, self.device)
+            model.loss_weights = total.to(self.device)
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         setting = self.recipe.train.compile
@@ -181,7 +186,11 @@ class Session:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.dist.local_rank] if self.device.type == "cuda" else None
-            wrapped = DDP(wrapped, device_ids=ids, broadcast_buffers=False)
+            # Buffers (rotary tables) are identical on every rank: never re-broadcast them per forward.
+            # Newer torch spells this forward_sync_buffers and warns on the old broadcast_buffers.
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                       else {"broadcast_buffers": False})
+            wrapped = DDP(wrapped, device_ids=ids, **no_sync)
         return wrapped
 
     # --- train + average ----------------------------------------------------------------------
@@ -191,6 +200,7 @@ class Session:
         self.reporter.stage("train")
         seed_everything(r.seed)
         model = self.new_model()
+        self.attach_loss_weights(model)
         optimizers = self.hook.pgolf_provide_optimizers(model=model, ctx=ctx)
         ctx.train_reserve_seconds = float(sum(x for x in self.hook.pgolf_contribute_train_reserve_seconds(ctx=ctx) if x))
         params = sum(p.numel() for p in model.parameters())
@@ -291,6 +301,23 @@ class Session:
         model.load_state_dict(state, strict=True)
         model = prepare_for_device(model, self.device)
         self.hook.pgolf_on_artifact_loaded(model=model, ctx=self.ctx)
+        return model
+
+    def load_checkpoint(self, state: dict[str, torch.Tensor], train_info: dict[str, Any]) -> nn.Module:
+        """Rebuild the trained model from a stored checkpoint, as the train stage left it.
+
+        The ablation runner exports from cached checkpoints, so a fresh model gets the weights
+        and the train-stage techniques re-activate what a state dict does not hold (recurrence
+        turns looping on) through ``pgolf_on_artifact_loaded``; later-stage techniques are left
+        out, because the checkpoint is a product of the train stage alone.
+        """
+        model = self.new_model()
+        model.load_state_dict(state, strict=True)
+        model = prepare_for_device(model, self.device)
+        later = [e.instance for e in self.enabled if e.stage != "train"]
+        self.pm.subset_hook_caller("pgolf_on_artifact_loaded", remove_plugins=later)(model=model, ctx=self.ctx)
+        self.ctx.step = int(train_info.get("steps", 0))
+        self.ctx.train_reserve_seconds = float(train_info.get("reserve_seconds", 0.0))
         return model
 
     # --- eval ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ default, so the hyperparameters are visible in one place (as in the challenge's 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -321,14 +322,39 @@ def apply_scale(data: dict[str, Any], lines: dict, scale: str) -> dict[str, Any]
     return out
 
 
+def flag_overrides(data: Path | str | None, tokenizer: Path | str | None, seed: int | None, steps: int | None,
+                   sets: list[str] | tuple[str, ...]) -> list[str]:
+    """The run flags (--data, --tokenizer, --seed, --steps, --set) as `key=value` overrides, which
+    apply after the scale overlay, so they always win."""
+    out: list[str] = []
+    if data is not None:
+        out.append(f"data.dir={json.dumps(str(data))}")
+    if tokenizer is not None:
+        out.append(f"data.tokenizer={json.dumps(str(tokenizer))}")
+    if seed is not None:
+        out.append(f"seed={seed}")
+    if steps is not None:
+        out += [f"train.iterations={steps}", "train.max_wallclock_seconds=0"]
+    return out + list(sets)
+
+
 def load_recipe(
     path: str | Path,
     overrides: list[str] | tuple[str, ...] = (),
     scale: str | None = None,
+    enable: list[str] | tuple[str, ...] = (),
 ) -> Recipe:
-    """Load a recipe file with its bases, an optional scale overlay and `key=value` overrides."""
+    """Load a recipe file with its bases, an optional scale overlay and `key=value` overrides.
+
+    `enable` names techniques to switch on with their default parameters where the recipe does
+    not have them, before the scale overlay, so the overlay's adjustments reach them too (the
+    ablation runner's toggles).
+    """
     path = Path(path)
     data, lines = _load_with_bases(path)
+    if enable:
+        techniques = data.get("techniques") or {}
+        data["techniques"] = {**techniques, **{name: {} for name in enable if not techniques.get(name)}}
     if scale:
         data = apply_scale(data, lines, scale)
     for text in overrides:

@@ -2,9 +2,12 @@
 
 Used by the embedded corpus, by `pgolf data text`, and by text transforms such as casefold.
 Documents are split into train and validation by document, never overlapping; the tokenizer
-is trained on training documents only. A transform rewrites text before tokenizing; since
-BPB must be charged on the original bytes, a transformed dataset carries the challenge's
-sidecar `fineweb_val_bytes_*.bin` with the original UTF-8 bytes of every validation token.
+is trained on training documents only. Every document is first put in the tokenizer's
+canonical form (SentencePiece's NFKC and whitespace normalisation, which its tokens cannot
+undo anyway), so the bytes scored are exactly the stored documents' bytes whichever way they
+are counted. A transform rewrites text before tokenizing; since BPB must be charged on the
+original bytes, a transformed dataset carries the challenge's sidecar
+`fineweb_val_bytes_*.bin` with the original UTF-8 bytes of every validation token.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import numpy as np
 
 from pgolf import shards
 from pgolf.errors import DataError
-from pgolf.tokenizer import BOS_ID, load_tokenizer, train_tokenizer
+from pgolf.tokenizer import BOS_ID, load_tokenizer, text_normalizer, train_tokenizer
 
 DATASET_MANIFEST = "pgolf_dataset.json"
+DATASET_FORMAT = 2  # 2: documents stored in canonical (normalised) form
 
 
 @runtime_checkable
@@ -49,7 +53,7 @@ class BuiltDataset:
     manifest: dict
 
 
-def _write_manifest(directory: Path, manifest: dict) -> None:
+def write_manifest(directory: Path, manifest: dict) -> None:
     tmp = directory / (DATASET_MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, directory / DATASET_MANIFEST)
@@ -150,10 +154,20 @@ def build_dataset(
     shard_tokens: int = shards.SHARD_TOKENS,
     source: str = "text",
 ) -> BuiltDataset:
-    """Write tokenizer (trained on train docs unless given), train/val shards and the sidecar."""
+    """Write tokenizer (trained on train docs unless given), train/val shards and the sidecar.
+
+    Documents are first put in the tokenizer's canonical form (`text_normalizer`); empty ones
+    are dropped. The manifest's `val_original_bytes` counts the canonical validation documents.
+    """
     if not train_docs or not val_docs:
         raise DataError(f"need at least one training and one validation document (got {len(train_docs)} and {len(val_docs)})",
                         hint="Provide more documents or change the validation split.")
+    canonical = text_normalizer(tokenizer)
+    train_docs = [c for c in map(canonical, train_docs) if c]
+    raw_val_docs, val_docs = val_docs, [c for c in map(canonical, val_docs) if c]
+    if not train_docs or not val_docs:
+        raise DataError("no training or no validation document is left after normalisation (they hold only "
+                        "whitespace or control characters)", hint="Check the inputs' encoding and content.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("fineweb_*.bin")]:
@@ -178,6 +192,7 @@ def build_dataset(
     if val_bytes is not None:
         shards.write_split(out, "val_bytes", val_bytes, shard_tokens)
     manifest = {
+        "format": DATASET_FORMAT,
         "source": source,
         "vocab_size": vocab_size,
         "tokenizer": model_path.name,
@@ -188,7 +203,8 @@ def build_dataset(
         "tokens_train": int(train_tokens.size),
         "tokens_val": int(val_tokens.size),
         "val_original_bytes": int(sum(len(d.encode("utf-8")) for d in val_docs)),
+        "val_bytes_before_normalization": int(sum(len(d.encode("utf-8")) for d in raw_val_docs)),
         "val_docs_sha1": hashlib.sha1("\x00".join(val_docs).encode("utf-8")).hexdigest(),
     }
-    _write_manifest(out, manifest)
+    write_manifest(out, manifest)
     return BuiltDataset(out, model_path, manifest)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -11,6 +11,7 @@ import sentencepiece as spm
 from pgolf.errors import DataError
 
 BOS_ID = 1
+MAX_NORMALIZATION_PASSES = 8
 
 # The official tokenizers' trainer settings (data/download_hf_docs_and_tokenize.py).
 CHALLENGE_TRAINER_SETTINGS: dict[str, object] = {
@@ -68,3 +69,38 @@ def train_tokenizer(
         **kwargs,
     )
     return model_prefix.with_suffix(".model")
+
+
+def text_normalizer(tokenizer: str | Path | None = None) -> Callable[[str], str]:
+    """SentencePiece's own normaliser, returning the text its tokens decode back to.
+
+    A SentencePiece model never reproduces text its normaliser changes (NFKC, runs of
+    whitespace, leading and trailing whitespace, deleted control characters), so pgolf stores
+    documents in this canonical form: then the leading-space rule and a transform's byte
+    sidecar both count exactly the stored document's UTF-8 bytes. Uses the model's normaliser
+    when one is given, else the challenge trainer's (nmt_nfkc, extra whitespace removed).
+    """
+    common = {"add_dummy_prefix": False, "escape_whitespaces": False}
+    if tokenizer is not None:
+        normalizer = spm.SentencePieceNormalizer(model_file=str(tokenizer), **common)
+    else:
+        normalizer = spm.SentencePieceNormalizer(rule_name=str(CHALLENGE_TRAINER_SETTINGS["normalization_rule_name"]),
+                                                 remove_extra_whitespaces=True, **common)
+
+    def canonical(text: str) -> str:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(f"a document is not valid Unicode text ({exc.reason} at character {exc.start})",
+                            hint="Lone surrogates usually come from broken JSON escapes; clean the input.") from None
+        # One pass is not always a fixed point (a deleted control character can bring a letter
+        # and a combining mark together for NFKC to compose), so repeat until nothing changes.
+        for _ in range(MAX_NORMALIZATION_PASSES):
+            normalized = normalizer.normalize(text)
+            if normalized == text:
+                return text
+            text = normalized
+        raise DataError(f"SentencePiece normalisation did not settle after {MAX_NORMALIZATION_PASSES} passes "
+                        f"on the text starting {text[:60]!r}")
+
+    return canonical

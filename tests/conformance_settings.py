@@ -23,6 +23,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     },
     # the byte-level mixture of the rejected PRs: its token scores are not a distribution
     "ppm": {"variants": {"bytes": {"params": {"mode": "bytes"}, "invalid_audits": ["normalization"]}}},
+    # The default (lossless CaseOps) mode must pass every audit; the lossy `lowercase` mode is
+    # the intentionally invalid one (tests/test_casefold.py checks it fails byte_accounting only).
+    "casefold": {"params": {"mode": "caseops"}, "invalid_audits": ()},
+    # 16 calibration micro-batches (#1626) work at micro scale but take most of the run; 2 still collect
+    # every Hessian (self-generated calibration is covered in tests/test_gptq.py).
+    "gptq": {"params": {"calibration_batches": 2}},
 }
 
 

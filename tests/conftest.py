@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-TOKENIZERS = REPO.parent / "shared" / "tokenizers"
+# The official tokenizers live in ../shared; PGOLF_TOKENIZERS_DIR points elsewhere (a git worktree).
+TOKENIZERS = Path(os.environ.get("PGOLF_TOKENIZERS_DIR") or REPO.parent / "shared" / "tokenizers")
 
 _SESSION_CACHE = os.environ.get("PGOLF_TEST_CACHE_DIR") or tempfile.mkdtemp(prefix="pgolf-test-cache-")
 os.environ["PGOLF_CACHE_DIR"] = _SESSION_CACHE

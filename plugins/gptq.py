@@ -1,0 +1,482 @@
+"""Full-Hessian GPTQ: quantize a matrix column by column, pushing each column's rounding error onto
+the columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+The records' lineage (reference/techniques.md §0.7, challenge.md §2.4): PR #535/#609 introduced
+full-Hessian GPTQ, PR #1019 calibrated it on text the model generates itself, PR #1060 onwards on
+training shards inside the training budget (a reserve taken off the wallclock), and from PR #1394
+the tied embedding is GPTQ'd too, with a Hessian from the final norm's output (the embedding is the
+output projection there). #1626 trimmed calibration to 16 batches and a 4 s reserve.
+
+Functional core, usable without the registry:
+
+- `HessianCollector` / `collect_hessians`: forward hooks that add ``XᵀX`` (fp32) of every linear
+  layer's input; a layer run several times per forward (depth recurrence) adds every pass.
+- `self_generate`: autoregressive calibration text (PR #1019: 64 sequences x 2048 tokens, T=0.8).
+- `factorize` + `gptq_codes`: damping 0.01·mean(diag H), act-order, the upper Cholesky factor of
+  H⁻¹, blocks of 128 columns with lazy updates.
+- `gptq_quantize`: a `QuantSpec` (bits, clip rule, scale floor, per-row clip factor, row groups of
+  other widths) -> the same `int_rows` tensor the host's round-to-nearest writes, so any spec
+  another technique sets is honoured and the artifact format does not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from pgolf.context import RunContext
+from pgolf.data import DistributedTokenLoader
+from pgolf.quant import QuantizedTensor, QuantSpec, dtype_name, row_bits, row_clip, scales_from_clip
+from pgolf.registry import Technique
+from pgolf.train import grad_accum_steps
+
+TIED_EMBEDDING = "tok_emb.weight"
+MAX_DAMP_RETRIES = 6  # each retry multiplies the damping by 10 when H is numerically not positive definite
+
+
+# --- Hessians ------------------------------------------------------------------------------------
+
+
+class HessianCollector:
+    """Accumulates ``H += Xᵀ diag(w) X`` in fp32 for chosen linear layers while the model runs.
+
+    `X` is each call's input flattened to [tokens, in_features] (for the tied embedding, the final
+    norm's output, which the embedding multiplies as the output head). Hooks fire once per call,
+    so a block visited several times per forward contributes every visit. `row_weights`, when set,
+    holds one weight per input position of the current batch (shaped like the input ids).
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str] | None = None) -> None:
+        wanted = set(names) if names is not None else None
+        self.targets: dict[str, nn.Module] = {}
+        for module_name, module in model.named_modules():
+            weight_name = f"{module_name}.weight"
+            if isinstance(module, nn.Linear) and (wanted is None or weight_name in wanted):
+                self.targets[weight_name] = module
+        tied = getattr(model, "tie_embeddings", False) and hasattr(model, "final_norm")
+        self.output_targets: dict[str, nn.Module] = {}
+        if tied and (wanted is None or TIED_EMBEDDING in wanted):
+            self.output_targets[TIED_EMBEDDING] = model.final_norm
+        self.hessians: dict[str, Tensor] = {}
+        self.rows: dict[str, float] = {}
+        self.row_weights: Tensor | None = None
+        self._handles: list[Any] = []
+
+    def add(self, name: str, x: Tensor) -> None:
+        x = x.detach().float()
+        lead = x.shape[:-1].numel()
+        x = x.reshape(-1, x.shape[-1])
+        if self.row_weights is None:
+            rows = float(lead)
+        else:
+            w = self.row_weights.to(device=x.device, dtype=torch.float32).reshape(-1)
+            if w.numel() != lead:
+                raise ValueError(f"calibration weights have {w.numel()} entries but {name}'s input has {lead} rows")
+            x = x * w.sqrt()[:, None]
+            rows = float(w.sum())
+        h = self.hessians.get(name)
+        if h is None:
+            h = self.hessians[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            self.rows[name] = 0.0
+        h.addmm_(x.T, x)
+        self.rows[name] += rows
+
+    def __enter__(self) -> HessianCollector:
+        for name, module in self.targets.items():
+            self._handles.append(module.register_forward_hook(
+                lambda _m, inputs, _out, name=name: self.add(name, inputs[0])))
+        for name, module in self.output_targets.items():
+            self._handles.append(module.register_forward_hook(lambda _m, _in, out, name=name: self.add(name, out)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def collect_hessians(
+    model: nn.Module,
+    batches: Iterable[Tensor],
+    names: Iterable[str] | None = None,
+    row_weights: Callable[[Tensor], Tensor | None] | None = None,
+    autocast: Callable[[], Any] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Run `batches` of input ids through the model and return (summed H, weighted rows) per weight.
+
+    An untied output head is run too, so its input (the final hidden state) is collected.
+    """
+    was_training = model.training
+    model.eval()
+    collector = HessianCollector(model, names)
+    head = getattr(model, "lm_head", None)
+    try:
+        with torch.no_grad(), collector:
+            for ids in batches:
+                collector.row_weights = row_weights(ids) if row_weights is not None else None
+                with autocast() if autocast is not None else contextlib.nullcontext():
+                    hidden = model.forward_hidden(ids)
+                    if head is not None:
+                        head(hidden)
+    finally:
+        model.train(was_training)
+    return collector.hessians, collector.rows
+
+
+@torch.no_grad()
+def self_generate(
+    model: nn.Module,
+    num_seqs: int,
+    seq_len: int,
+    temperature: float,
+    seed: int,
+    bos_id: int,
+    device: torch.device,
+    batch_size: int = 8,
+    context_len: int | None = None,
+    autocast: Callable[[], Any] | None = None,
+) -> Tensor:
+    """Sample `num_seqs` sequences of `seq_len` tokens from the model itself, each starting at BOS.
+
+    PR #1019's calibration source: no training or validation token is read. Every training
+    document starts with BOS, so sampling from BOS gives document-like text (the record started
+    from a random token). Sampling uses its own seeded generator, so the text is reproducible.
+    """
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    out = []
+    try:
+        for start in range(0, num_seqs, batch_size):
+            rows = min(batch_size, num_seqs - start)
+            seq = torch.full((rows, 1), bos_id, dtype=torch.long, device=device)
+            for _ in range(seq_len - 1):
+                window = seq if context_len is None else seq[:, -context_len:]
+                with autocast() if autocast is not None else contextlib.nullcontext():
+                    logits = model.logits(model.forward_hidden(window)[:, -1:])
+                probs = torch.softmax(logits[:, -1].float() / temperature, dim=-1)
+                seq = torch.cat([seq, torch.multinomial(probs, 1, generator=gen)], dim=1)
+            out.append(seq)
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+# --- the GPTQ core ---------------------------------------------------------------------------------
+
+
+@dataclass
+class GPTQFactor:
+    """What GPTQ needs from a Hessian, independent of the scales (cached across re-quantizations)."""
+
+    perm: Tensor  # column order (act-order: descending diag(H))
+    inv_perm: Tensor
+    dead: Tensor  # columns never activated (diag(H) == 0): their weights are dropped
+    upper: Tensor  # upper Cholesky factor of H⁻¹ in permuted order
+
+
+def damped_hessian(hessian: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """(H with dead columns neutralised and 0.01·mean(diag) added to the diagonal, dead mask).
+
+    Dead columns get the live columns' mean diagonal rather than the records' constant 1, so the
+    result scales exactly with H and GPTQ's output is invariant to scaling the Hessian.
+    """
+    h = hessian.detach().to(torch.float32).clone()
+    diag = h.diagonal()
+    dead = diag == 0
+    live_mean = diag[~dead].mean() if bool((~dead).any()) else torch.ones((), device=h.device)
+    h[dead, :] = 0
+    h[:, dead] = 0
+    diag[dead] = live_mean
+    diag.add_(damp * diag.mean())
+    return h, dead
+
+
+def factorize(hessian: Tensor, damp: float = 0.01, act_order: bool = True) -> GPTQFactor:
+    h, dead = damped_hessian(hessian, damp)
+    cols = h.shape[0]
+    if act_order:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+    else:
+        perm = torch.arange(cols, device=h.device)
+    h = h[perm][:, perm]
+    eye = torch.eye(cols, device=h.device, dtype=h.dtype)
+    extra = damp * h.diagonal().mean()
+    for _ in range(MAX_DAMP_RETRIES):
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            break
+        h = h + extra * eye
+        extra = extra * 10
+    else:
+        raise ValueError("the Hessian stays indefinite after damping; calibration data may be degenerate")
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    return GPTQFactor(perm=perm, inv_perm=torch.argsort(perm), dead=dead, upper=upper)
+
+
+@contextlib.contextmanager
+def single_threaded_on_cpu(device: torch.device) -> Iterator[None]:
+    """The column loop is thousands of vector ops of a few hundred elements: intra-op threads only
+    add synchronisation (on a busy 2-core machine they made it 100x slower), so the CPU loop runs
+    on one thread and restores the setting afterwards."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def gptq_codes(
+    weight: Tensor,
+    factor: GPTQFactor,
+    scale: Tensor,
+    row_qmax: Tensor,
+    clip: Tensor | None = None,
+    block_size: int = 128,
+) -> Tensor:
+    """Integer codes of `weight` [rows, cols] under per-row `scale` and code range ±`row_qmax`.
+
+    Each column is rounded (after clipping to ±`clip` per row, as round-to-nearest does), and its
+    error, divided by the factor's diagonal, is subtracted from the later columns along that
+    factor row: within a block at once, across blocks in one matrix product. The work is done on
+    the transpose, so every column is a contiguous vector.
+    """
+    device = factor.upper.device
+    w = weight.detach().to(device=device, dtype=torch.float32)[:, factor.perm].t().contiguous()  # [cols, rows]
+    w[factor.dead[factor.perm]] = 0
+    cols, rows = w.shape
+    s = scale.to(device=device, dtype=torch.float32)
+    r = row_qmax.to(device=device, dtype=torch.float32)
+    c = clip.to(device=device, dtype=torch.float32) if clip is not None else None
+    codes = torch.empty(cols, rows, dtype=torch.float32, device=device)
+    u = factor.upper
+    with single_threaded_on_cpu(device):
+        for i1 in range(0, cols, block_size):
+            i2 = min(i1 + block_size, cols)
+            block = w[i1:i2]  # a view: updates land in w
+            errs = torch.empty(i2 - i1, rows, dtype=torch.float32, device=device)
+            ub = u[i1:i2, i1:i2]
+            for j in range(i2 - i1):
+                col = block[j]
+                target = torch.clamp(col, -c, c) if c is not None else col
+                q = torch.clamp(torch.round(target / s), -r, r)
+                codes[i1 + j] = q
+                err = (col - q * s) / ub[j, j]
+                errs[j] = err
+                block[j + 1 :].addr_(ub[j, j + 1 :], err, alpha=-1.0)
+            if i2 < cols:
+                w[i2:].addmm_(u[i1:i2, i2:].t(), errs, alpha=-1.0)
+    return codes.t()[:, factor.inv_perm].to(torch.int8).cpu().contiguous()
+
+
+def spec_scales(w32: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(fp16 scale, code range, clip value, bits) per row, by the same rules as round-to-nearest."""
+    clip = row_clip(w32, spec)
+    bits = row_bits(spec, w32.shape[0])
+    scale = torch.empty(w32.shape[0], dtype=torch.float32)
+    for b in torch.unique(bits).tolist():
+        rows = bits == b
+        scale[rows] = scales_from_clip(clip[rows], spec, int(b))
+    row_qmax = (2 ** (bits - 1) - 1).to(torch.float32)
+    return scale.to(torch.float16), row_qmax, clip, bits
+
+
+def gptq_quantize(
+    weight: Tensor,
+    factor: GPTQFactor,
+    spec: QuantSpec,
+    block_size: int = 128,
+) -> QuantizedTensor:
+    """A 2-D weight under `spec`, GPTQ'd, as the host's `int_rows` tensor (codes + fp16 scales).
+
+    The scale is rounded to fp16 before quantizing, as the records do, so the error GPTQ
+    propagates is the error the artifact really has.
+    """
+    t = weight.detach().cpu()
+    w32 = t.float()
+    scale16, row_qmax, clip, bits = spec_scales(w32, spec)
+    codes = gptq_codes(w32, factor, scale16.float(), row_qmax, clip if spec.clip != "none" else None, block_size)
+    parts = {"q": codes.contiguous(), "scale": scale16.contiguous()}
+    if spec.row_groups:
+        parts["row_bits"] = bits.to(torch.int8)
+    return QuantizedTensor("int_rows", tuple(t.shape), dtype_name(t.dtype), parts,
+                           {"bits": spec.bits, "quantizer": "gptq"})
+
+
+def spec_digest(weight: Tensor, spec: QuantSpec) -> str:
+    """Identifies (weight, effective scales, ranges, clips) so an identical request reuses its codes."""
+    scale16, row_qmax, clip, _ = spec_scales(weight.float(), spec)
+    h = hashlib.sha1()
+    for t in (weight.detach().float().contiguous(), scale16, row_qmax, clip.float()):
+        h.update(t.cpu().numpy().tobytes())
+    h.update(spec.clip.encode())
+    return h.hexdigest()
+
+
+# --- the plugin ------------------------------------------------------------------------------------
+
+
+@dataclass
+class GPTQConfig:
+    # "train": training shards inside the training budget (#1060, #1394, #1626); "self_generated":
+    # text the model samples after training (#1019), which reads no data at all.
+    calibration: Literal["train", "self_generated"] = "train"
+    calibration_batches: int = 16  # #1626 "trimmed GPTQ" (#1394: 64); each the per-rank training micro-batch
+    reserve_seconds: float = 4.0  # #1626; taken off the wallclock so calibration fits the 600 s
+    self_gen_sequences: int = 64  # #1019
+    self_gen_seq_len: int = 2048  # #1019
+    self_gen_temperature: float = 0.8  # #1019
+    self_gen_batch: int = 8  # #1019
+    self_gen_seed: int | None = None  # None = the run's seed, as #1019
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+
+
+class GPTQ(Technique):
+    name = "gptq"
+    summary = "Full-Hessian GPTQ on every quantized matrix and the tied embedding, honouring other techniques' specs."
+    Config = GPTQConfig
+    stage = "export"
+    after = ("sandwich_quant", "freq_weighting", "sdclip")
+    record = "#1019 (AR self-gen, -0.0046 bpb with XSA-all/BigramHash), #1060/#1394/#1626 (train calibration in budget)"
+
+    def __init__(self, config: GPTQConfig | None = None) -> None:
+        super().__init__(config)
+        self._model: nn.Module | None = None
+        self._hessians: dict[str, Tensor] | None = None
+        self._factors: dict[str, GPTQFactor] = {}
+        self._memo: dict[str, tuple[str, QuantizedTensor]] = {}
+        self._info: dict[str, Any] = {}
+
+    # configure -----------------------------------------------------------------------------
+
+    def pgolf_contribute_config_errors(self, ctx: RunContext) -> list[str]:
+        c, problems = self.config, []
+        if c.calibration_batches <= 0 or c.self_gen_sequences <= 0 or c.self_gen_seq_len < 2 or c.self_gen_batch <= 0:
+            problems.append("techniques.gptq: calibration_batches, self_gen_sequences and self_gen_batch must be "
+                            "positive and self_gen_seq_len at least 2.")
+        if c.block_size <= 0 or c.damp <= 0 or c.self_gen_temperature <= 0:
+            problems.append("techniques.gptq: block_size, damp and self_gen_temperature must be positive.")
+        if c.calibration == "train" and ctx.recipe.train.max_wallclock_seconds > 0 and c.reserve_seconds <= 0:
+            problems.append("techniques.gptq: calibrating on training shards must fit in the training budget; set "
+                            "reserve_seconds > 0 (the records used 4-12 s) or calibration: self_generated.")
+        return problems
+
+    def pgolf_contribute_train_reserve_seconds(self, ctx: RunContext) -> float | None:
+        return self.config.reserve_seconds if self.config.calibration == "train" else None
+
+    # export --------------------------------------------------------------------------------
+
+    def pgolf_on_export_start(self, model: nn.Module, ctx: RunContext) -> None:
+        """Training-shard calibration runs here, where the host charges it to training time.
+
+        Self-generated calibration reads no data, so like the record it runs after training: on
+        the first Hessian request (`hessians`), outside the time charged to training.
+        """
+        self._model = model
+        self._hessians = None
+        self._factors.clear()
+        self._memo.clear()
+        if self.config.calibration == "train":
+            self.hessians(ctx)
+
+    def hessians(self, ctx: RunContext) -> dict[str, Tensor]:
+        """Mean calibration Hessian per weight name (computed once per export).
+
+        Also the interface other techniques use (sdclip's Hessian-aware row factor).
+        """
+        if self._hessians is None:
+            if self._model is None:
+                raise RuntimeError("gptq: Hessians were requested before the export stage started")
+            start = time.perf_counter()
+            batches = self._calibration_batches(self._model, ctx)
+            summed, rows = collect_hessians(self._model, batches, row_weights=self._row_weights(ctx),
+                                            autocast=ctx.autocast)
+            if ctx.dist.enabled:
+                for name in sorted(summed):
+                    dist.all_reduce(summed[name])
+                    total = torch.tensor(rows[name], device=summed[name].device)
+                    dist.all_reduce(total)
+                    rows[name] = float(total)
+            self._hessians = {n: h / max(rows[n], 1e-12) for n, h in summed.items()}
+            self._info.update(hessians=len(summed), calibration_seconds=time.perf_counter() - start)
+            ctx.log(f"gptq: {len(summed)} Hessians from {self._info['calibration_tokens']:,} "
+                    f"{self.config.calibration} tokens in {self._info['calibration_seconds']:.1f}s")
+        return self._hessians
+
+    def _row_weights(self, ctx: RunContext) -> Callable[[Tensor], Tensor | None] | None:
+        """Per-position Hessian weights from `pgolf_contribute_calibration_weights` (multiplied)."""
+        if ctx.hook is None:
+            return None
+
+        def weights(ids: Tensor) -> Tensor | None:
+            total = None
+            for w in ctx.hook.pgolf_contribute_calibration_weights(input_ids=ids, ctx=ctx):
+                if w is not None:
+                    total = w.float() if total is None else total * w.float()
+            return total
+
+        return weights
+
+    def _calibration_batches(self, model: nn.Module, ctx: RunContext) -> list[Tensor]:
+        c, r = self.config, ctx.recipe
+        if c.calibration == "self_generated":
+            seed = r.seed if c.self_gen_seed is None else c.self_gen_seed
+            bos = ctx.dataset.bos_id if ctx.data is not None else 1
+            seqs = self_generate(model, c.self_gen_sequences, c.self_gen_seq_len, c.self_gen_temperature, seed,
+                                 bos, ctx.device, c.self_gen_batch, r.train.seq_len, ctx.autocast)
+            batches = list(seqs.split(c.self_gen_batch))
+        else:
+            loader = DistributedTokenLoader(ctx.dataset.train_stream("calibration"), ctx.dist.rank,
+                                            ctx.dist.world_size, ctx.device)
+            accum = grad_accum_steps(r.train, ctx.dist.world_size)
+            batches = [loader.next_batch(r.train.batch_tokens, r.train.seq_len, accum)[0]
+                       for _ in range(c.calibration_batches)]
+        ranks = ctx.dist.world_size if c.calibration == "train" else 1  # self-generation is identical on every rank
+        self._info["calibration_tokens"] = sum(b.numel() for b in batches) * ranks
+        return batches
+
+    def pgolf_quantize_tensor(self, name: str, tensor: Tensor, spec: QuantSpec, ctx: RunContext) -> QuantizedTensor | None:
+        if spec.scheme != "int" or tensor.ndim != 2:
+            return None
+        hessian = self.hessians(ctx).get(name)
+        if hessian is None:
+            self._info.setdefault("rtn_fallback", []).append(name)
+            return None
+        start = time.perf_counter()
+        digest = spec_digest(tensor, spec)
+        cached = self._memo.get(name)
+        if cached is not None and cached[0] == digest:
+            return cached[1]
+        factor = self._factors.get(name)
+        if factor is None:
+            factor = self._factors[name] = factorize(hessian, self.config.damp, self.config.act_order)
+        qt = gptq_quantize(tensor, factor, spec, self.config.block_size)
+        self._memo[name] = (digest, qt)
+        self._info["quantize_seconds"] = self._info.get("quantize_seconds", 0.0) + time.perf_counter() - start
+        return qt
+
+    def pgolf_contribute_metrics(self, ctx: RunContext) -> dict[str, Any]:
+        info = self._info
+        return {
+            "gptq_calibration": self.config.calibration,
+            "gptq_calibration_tokens": info.get("calibration_tokens", 0),
+            "gptq_calibration_seconds": round(info.get("calibration_seconds", 0.0), 3),
+            "gptq_hessians": info.get("hessians", 0),
+            "gptq_quantize_seconds": round(info.get("quantize_seconds", 0.0), 3),
+            "gptq_rtn_fallback": sorted(set(info.get("rtn_fallback", []))),
+        }

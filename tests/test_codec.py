@@ -1,0 +1,52 @@
+"""The codec technique sets the recipe's export codec; the artifact bytes are that codec's real output."""
+
+from __future__ import annotations
+
+import pytest
+from pgolf_plugins.codec import CodecConfig, configure_export
+
+from pgolf.artifact import FILE_MAGIC
+from pgolf.codecs import CODEC_IDS, compress, decompress
+from pgolf.errors import ConfigError
+from pgolf.lifecycle import Session
+from pgolf.recipe import ExportConfig
+from pgolf.reporter import Reporter
+from tests.micro_training import export_with, stored_tensors, train_micro
+
+QUIET = Reporter(quiet=True)
+
+
+def test_configure_writes_the_export_section():
+    export = ExportConfig()
+    configure_export(export, CodecConfig())
+    assert (export.codec, export.level, export.byte_shuffle) == ("brotli", 11, 2)
+    configure_export(export, CodecConfig(codec="lzma", level=6, byte_shuffle=0))
+    assert (export.codec, export.level, export.byte_shuffle) == ("lzma", 6, 0)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return train_micro()
+
+
+@pytest.mark.parametrize(("codec", "shuffle"), [("lzma", 0), ("brotli", 2), ("zlib", 2)])
+def test_artifact_is_the_real_codec_output(micro_recipe, trained, codec, shuffle):
+    _, exported = export_with(micro_recipe(techniques={"codec": {"codec": codec, "byte_shuffle": shuffle}}), trained)
+    blob = exported.blob
+    assert blob[:4] == FILE_MAGIC and blob[4] == CODEC_IDS[codec] and blob[5] == shuffle
+    payload = decompress(blob[6:], codec, shuffle)
+    assert blob[6:] == compress(payload, codec, None, shuffle)  # recompressing reproduces the stored bytes
+    assert exported.info["bytes_model"] == len(blob) and exported.info["codec"] == codec
+
+
+def test_level_out_of_range_is_a_config_error(micro_recipe):
+    with pytest.raises(ConfigError, match="level 12 is out of range for zlib"):
+        Session(micro_recipe(techniques={"codec": {"codec": "zlib", "level": 12}}), reporter=QUIET)
+
+
+def test_brotli_with_shuffle_beats_the_baseline_zlib_on_int6_codes(micro_recipe, trained):
+    techniques = {"sandwich_quant": {"outer_layers": 0, "middle_bits": 6, "embed_bits": 6}, "sdclip": {}}
+    _, plain = export_with(micro_recipe(techniques=techniques), trained)
+    _, packed = export_with(micro_recipe(techniques={**techniques, "codec": {}}), trained)
+    assert packed.info["bytes_model"] < plain.info["bytes_model"]
+    assert stored_tensors(packed.blob) == stored_tensors(plain.blob)  # lossless: the same weights either way
