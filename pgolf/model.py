@@ -295,12 +295,15 @@ class GPT(nn.Module):
             x = 0.5 * (lanes[0] + lanes[1])
         return self.final_norm(x)
 
-    def logits(self, hidden: Tensor) -> Tensor:
+    def logits(self, hidden: Tensor, head_delta: Tensor | None = None) -> Tensor:
+        """Soft-capped logits; `head_delta` is added before the cap (a LoRA on the output head)."""
         if self.tie_embeddings:
             proj = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
         else:
             assert self.lm_head is not None
             proj = self.lm_head(hidden)
+        if head_delta is not None:
+            proj = proj + head_delta
         return self.logit_softcap * torch.tanh(proj / self.logit_softcap)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:

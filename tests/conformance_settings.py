@@ -4,6 +4,8 @@ Every registered technique runs the conformance tests in test_conformance.py on 
 A technique whose defaults cannot run at micro scale (layer indices, chunk sizes) adds an
 entry here: `params` for its recipe section, `overrides` for other recipe keys, and
 `invalid_audits` for modes that exist to be rejected (the audits must fail exactly those).
+`variants` names further settings of the same technique that get their own micro run (a second
+mode, an intentionally invalid mode).
 """
 
 from __future__ import annotations
@@ -11,6 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 SETTINGS: dict[str, dict[str, Any]] = {
+    # micro runs score 4,096 targets with 64-token sequences: chunks of 1,024 give four chunks
+    "ttt": {
+        "params": {"chunk_tokens": 1024},
+        "variants": {
+            "lora": {"params": {"mode": "lora", "lora_rank": 8, "lora_chunk": 32}},
+            "phased": {"params": {"mode": "lora", "lora_rank": 8, "phases": 2, "prefix_docs": 4, "chunk_tokens": 512}},
+        },
+    },
+    # the byte-level mixture of the rejected PRs: its token scores are not a distribution
+    "ppm": {"variants": {"bytes": {"params": {"mode": "bytes"}, "invalid_audits": ["normalization"]}}},
     # The default (lossless CaseOps) mode must pass every audit; the lossy `lowercase` mode is
     # the intentionally invalid one (tests/test_casefold.py checks it fails byte_accounting only).
     "casefold": {"params": {"mode": "caseops"}, "invalid_audits": ()},
@@ -25,7 +37,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def settings_for(name: str) -> dict[str, Any]:
+def settings_for(name: str, variant: str | None = None) -> dict[str, Any]:
     entry = SETTINGS.get(name, {})
+    if variant is not None:
+        entry = entry["variants"][variant]
     return {"params": entry.get("params", {}), "overrides": entry.get("overrides", []),
             "invalid_audits": set(entry.get("invalid_audits", ()))}
+
+
+def micro_cases(names: list[str]) -> list[tuple[str, str | None]]:
+    """(technique, variant) pairs for the micro-run test: every technique, then its variants."""
+    return [(name, None) for name in names] + [
+        (name, variant) for name in names for variant in SETTINGS.get(name, {}).get("variants", {})]

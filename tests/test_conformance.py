@@ -12,7 +12,7 @@ from pgolf.evalonly import evaluate_target
 from pgolf.lifecycle import run_recipe
 from pgolf.registry import describe, known_names, load_technique_class, resolve
 from pgolf.reporter import Reporter
-from tests.conformance_settings import settings_for
+from tests.conformance_settings import micro_cases, settings_for
 
 QUIET = Reporter(quiet=True)
 TECHNIQUES = known_names()
@@ -37,9 +37,10 @@ def test_config_round_trips_through_a_recipe(name):
     assert again.instance.config == enabled.instance.config
 
 
-@pytest.mark.parametrize("name", TECHNIQUES)
-def test_micro_run_fires_hooks_and_round_trips(name, micro_recipe, tmp_path):
-    s = settings_for(name)
+@pytest.mark.parametrize(("name", "variant"), micro_cases(TECHNIQUES),
+                         ids=[f"{n}[{v}]" if v else n for n, v in micro_cases(TECHNIQUES)])
+def test_micro_run_fires_hooks_and_round_trips(name, variant, micro_recipe, tmp_path):
+    s = settings_for(name, variant)
     recipe = micro_recipe(*s["overrides"], techniques={name: s["params"]})
     result = run_recipe(recipe, tmp_path, QUIET)
     manifest = json.loads((tmp_path / "manifest.json").read_text())

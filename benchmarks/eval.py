@@ -1,0 +1,89 @@
+"""Evaluation throughput at the tiny scale: plain, sliding, sliding + SGD TTT, document LoRA TTT, + PPM.
+
+The model is the tiny recipe's GPT (4 layers x 256, eval length 256) with its initial weights
+(speed does not depend on what it learnt); the stream is the first `--tokens` validation tokens
+of the embedded corpus. Each arm scores the same stream through the code `pgolf run` uses (the
+host's window scorer, or the ttt scorers, then the ppm transform) and reports scored targets per
+second in wall-clock and CPU time, and its cost relative to the plain evaluation. TTT runs at
+the tiny-scale settings proposed for recipes/scales/tiny.yaml. Prints one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pgolf.context import RunContext
+from pgolf.data import load_dataset
+from pgolf.evaluate import EvalWindows, TokenScores, WindowScorer, plain_windows
+from pgolf.model import build_model
+from pgolf.recipe import load_recipe
+from pgolf_plugins.ppm import PPM, PPMConfig
+from pgolf_plugins.sliding_window import sliding_windows
+from pgolf_plugins.ttt import ChunkedSGDScorer, DocumentLoRAScorer, TTTConfig, TTTStats
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_SGD = TTTConfig(mode="sgd", chunk_tokens=4096, batch_seqs=8, lr=0.02)
+TINY_LORA = TTTConfig(mode="lora", lora_rank=16, lora_chunk=64, lora_lr=3e-3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32_768)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(REPO / "recipes" / "baseline.yaml", scale="tiny")
+    data = load_dataset(None, None, recipe.model.vocab_size)
+    ctx = RunContext(recipe=recipe, device=torch.device("cpu"), data=data)
+    tokens = data.val_tokens[: args.tokens + 1]
+    counts = data.val_bytes[: args.tokens + 1]
+    torch.manual_seed(recipe.seed)
+    base = build_model(recipe.model, bos_id=data.bos_id).float().eval()
+    seq_len = recipe.eval_seq_len
+
+    def arm(scorer: Callable, windows: EvalWindows, ppm: bool = False) -> dict[str, float]:
+        model = copy.deepcopy(base)
+        scores = TokenScores.empty(tokens, counts)
+        scores.windows = windows
+        wall, cpu = time.perf_counter(), time.process_time()
+        scorer(model, scores, windows, ctx)
+        mixing = time.process_time()
+        if ppm:
+            PPM(PPMConfig()).pgolf_on_scores(scores=scores, ctx=ctx)
+        mixing = time.process_time() - mixing
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        scored = int(scores.scored.sum())
+        out = {"targets": scored, "seconds_wall": round(wall, 3), "seconds_cpu": round(cpu, 3),
+               "tokens_per_s_wall": round(scored / wall), "tokens_per_s_cpu": round(scored / cpu)}
+        return {**out, "ppm_seconds_cpu": round(mixing, 3)} if ppm else out
+
+    plain = plain_windows(tokens.shape[0], seq_len)
+    sliding = sliding_windows(tokens.shape[0], seq_len, 64)
+    arm(WindowScorer(), plain)  # warm-up: first-call allocations are not the plain arm's cost
+    arms = {
+        "plain": arm(WindowScorer(), plain),
+        "sliding": arm(WindowScorer(), sliding),
+        "sliding_ttt_sgd": arm(ChunkedSGDScorer(TINY_SGD, TTTStats("sgd")), sliding),
+        "ttt_lora": arm(DocumentLoRAScorer(TINY_LORA, TTTStats("lora")), plain),
+        "plain_ppm": arm(WindowScorer(), plain, ppm=True),
+    }
+    reference = arms["plain"]["tokens_per_s_cpu"]
+    for values in arms.values():
+        values["cpu_cost_vs_plain"] = round(reference / values["tokens_per_s_cpu"], 2)
+    print(json.dumps({"benchmark": "eval", "scale": "tiny", "tokens": int(tokens.shape[0] - 1),
+                      "threads": torch.get_num_threads(), "arms": arms,
+                      "ttt_sgd": {"chunk_tokens": TINY_SGD.chunk_tokens, "epochs": TINY_SGD.epochs},
+                      "ttt_lora": {"rank": TINY_LORA.lora_rank, "chunk": TINY_LORA.lora_chunk},
+                      "val_fraction": round(float(np.float64(tokens.shape[0]) / data.val_tokens.shape[0]), 3)}))
+
+
+if __name__ == "__main__":
+    main()

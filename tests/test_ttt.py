@@ -1,0 +1,376 @@
+"""Score-first test-time training: schedules, bookkeeping, and proof that nothing trains unscored."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from pgolf import compliance
+from pgolf.context import RunContext
+from pgolf.evaluate import TokenScores, WindowScorer, plain_windows
+from pgolf.model import GPT
+from pgolf.recipe import ModelConfig, Recipe
+from pgolf.registry import resolve
+from pgolf_plugins.sliding_window import sliding_windows
+from pgolf_plugins.ttt import (
+    TTT,
+    ChunkedSGDScorer,
+    DocumentLoRAScorer,
+    LoRAModel,
+    TTTConfig,
+    TTTStats,
+    chunk_plan,
+    chunk_window,
+    cosine_lr,
+    document_spans,
+    document_windows,
+    phase_boundaries,
+)
+
+BOS = 1
+
+
+def model_config(vocab: int) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
+
+
+def random_model(vocab: int, cls: type[GPT] = GPT) -> GPT:
+    torch.manual_seed(0)
+    model = cls(model_config(vocab))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model.eval()
+
+
+def context(vocab: int, seq_len: int = 32) -> RunContext:
+    recipe = Recipe(model=model_config(vocab))
+    recipe.train.seq_len = seq_len
+    recipe.eval.batch_tokens = 4 * seq_len
+    return RunContext(recipe=recipe, device=torch.device("cpu"))
+
+
+def documents(n_tokens: int, doc_lengths: list[int], vocab: int, seed: int = 0) -> np.ndarray:
+    """A stream of BOS-led documents of random tokens (ids >= 2)."""
+    rng = np.random.default_rng(seed)
+    out: list[int] = []
+    for length in doc_lengths:
+        out += [BOS, *rng.integers(2, vocab, size=length - 1).tolist()]
+    return np.array(out[:n_tokens], dtype=np.int64)
+
+
+def run(scorer, model, tokens, windows, ctx) -> TokenScores:
+    scores = TokenScores.empty(tokens, np.ones(tokens.shape[0], dtype=np.int32))
+    scores.windows = windows
+    scorer(model, scores, windows, ctx)
+    return scores
+
+
+# --- schedules and window arithmetic ---------------------------------------------------------
+
+
+def test_cosine_across_chunks_starts_at_lr_and_ends_at_zero():
+    assert cosine_lr(0.005, 0, 10) == 0.005
+    assert cosine_lr(0.005, 9, 10) == 0.0
+    assert cosine_lr(0.005, 3, 7) == pytest.approx(0.0025)  # the midpoint
+    assert cosine_lr(0.005, 0, 1) == 0.005
+
+
+def test_chunk_window_golden_cases():
+    assert chunk_window(0, 100, 32, 2048) == (0, 32, 0, 32)
+    assert chunk_window(3, 100, 32, 2048) == (0, 100, 96, 4)  # the short last chunk
+    assert chunk_window(5, 400, 32, 64) == (128, 64, 32, 32)  # the context reaches back 64 tokens
+    # a short last chunk keeps the window start of a full one (the records would start at 116,
+    # making its context depend on where the document ends)
+    assert chunk_window(5, 180, 32, 64) == (128, 52, 32, 20)
+
+
+def test_phase_boundaries_of_the_records():
+    assert phase_boundaries(2500, 3) == [833, 1666, 2500]
+    assert phase_boundaries(2000, 3) == [666, 1333, 2000]
+    assert phase_boundaries(2000, 1) == [2000]
+
+
+def test_documents_score_every_target_once_including_the_next_bos():
+    tokens = np.array([1, 5, 6, 7, 1, 8, 9, 1, 4, 4, 4])
+    starts, ends = document_spans(tokens, BOS)
+    assert starts.tolist() == [0, 4, 7] and ends.tolist() == [4, 7, 10]
+    cover = document_windows(starts, ends, chunk=2, context=3).expected_coverage(tokens.size)
+    assert cover[0] == 0 and (cover[1:] == 1).all()
+    headless = np.array([5, 6, 1, 7, 8])  # a stream that does not start with BOS
+    starts, ends = document_spans(headless, BOS)
+    assert starts.tolist() == [0, 2] and ends.tolist() == [2, 4]
+
+
+def test_every_target_of_a_chunk_is_scored_by_that_chunk_or_earlier():
+    windows = sliding_windows(5000, 256, 64)
+    owner, count, last_target = chunk_plan(windows, 1024)
+    assert count == 5 and last_target == 4999
+    for ci in range(count):
+        scored = np.concatenate([windows.target_positions(i) for i in np.flatnonzero(owner <= ci)])
+        chunk = np.arange(ci * 1024 + 1, min((ci + 1) * 1024, last_target) + 1)
+        assert np.isin(chunk, scored).all()
+
+
+# --- chunked SGD ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("windows_of", [lambda n: plain_windows(n, 32), lambda n: sliding_windows(n, 32, 8)])
+def test_zero_learning_rate_sgd_equals_the_plain_evaluation_exactly(windows_of):
+    vocab, tokens = 64, np.random.default_rng(0).integers(0, 64, size=700).astype(np.int64)
+    windows = windows_of(700)
+    ctx = context(vocab)
+    plain = run(WindowScorer(), random_model(vocab), tokens, windows, ctx)
+    model = random_model(vocab)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = TTTStats("sgd")
+    adapted = run(ChunkedSGDScorer(TTTConfig(lr=0.0, chunk_tokens=128), stats), model, tokens, windows, ctx)
+    np.testing.assert_array_equal(adapted.nll, plain.nll)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert stats.optimizer_steps > 0 and compliance.score_before_update(adapted, False)["passed"]
+
+
+def test_sgd_scores_the_first_chunk_unadapted_then_adapts_and_never_trains_the_last_chunk():
+    vocab, tokens = 64, np.tile(np.arange(2, 40), 20).astype(np.int64)
+    windows = plain_windows(tokens.size, 32)
+    ctx = context(vocab)
+    plain = run(WindowScorer(), random_model(vocab), tokens, windows, ctx)
+    cfg = TTTConfig(lr=0.05, chunk_tokens=128)
+    adapted = run(ChunkedSGDScorer(cfg, TTTStats("sgd")), random_model(vocab), tokens, windows, ctx)
+    np.testing.assert_array_equal(adapted.nll[1:129], plain.nll[1:129])
+    _, count, last_target = chunk_plan(windows, 128)
+    assert adapted.nll[129:].sum() < plain.nll[129:].sum()  # a repeated phrase is learnt
+    assert max(hi for _, _, hi in adapted.updates) <= (count - 1) * 128 + 1  # last chunk: no targets trained
+    assert compliance.score_before_update(adapted, True)["passed"]
+
+
+# --- an instrumented model proves every optimizer step trains on scored targets only ------------
+
+
+class RecordingGPT(GPT):
+    """Tokens are unique per position (id = position + 2, BOS = 1), so each training row's targets
+    can be located in the stream; every grad-enabled forward records them."""
+
+    rows: list[np.ndarray]
+
+    def forward_hidden(self, input_ids):
+        if torch.is_grad_enabled():
+            self.rows = []
+            x = input_ids.detach().cpu().numpy()
+            for row in x:
+                cols = np.flatnonzero(row > BOS)
+                if cols.size:
+                    first_input = int(row[cols[0]]) - 2 - int(cols[0])
+                    valid = (row != 0).sum()
+                    self.rows.append(first_input + 1 + np.arange(valid))  # target positions of the row
+                else:
+                    self.rows.append(np.zeros(0, dtype=np.int64))
+        return super().forward_hidden(input_ids)
+
+
+@pytest.mark.parametrize("cfg", [
+    TTTConfig(mode="sgd", lr=0.01, chunk_tokens=128),
+    TTTConfig(mode="lora", lora_rank=4, lora_chunk=16, lora_batch_docs=3, lora_lr=0.01),
+    TTTConfig(mode="lora", lora_rank=4, lora_chunk=16, lora_batch_docs=2, lora_lr=0.01, phases=2, prefix_docs=4,
+              chunk_tokens=64, lr=0.01),
+], ids=["sgd", "lora", "phased"])
+def test_every_optimizer_step_trains_only_on_targets_scored_before_it(cfg):
+    n = 700
+    tokens = np.arange(n, dtype=np.int64) + 2
+    tokens[[0, 90, 200, 260, 420, 600]] = BOS
+    vocab = n + 2
+    model = random_model(vocab, RecordingGPT)
+    scores = TokenScores.empty(tokens, np.ones(n, dtype=np.int32))
+    windows = plain_windows(n, 32)
+    scores.windows = windows
+    steps: list[tuple[int, list[np.ndarray]]] = []
+
+    def check(optimizer, args, kwargs):
+        trained_rows = [rows for rows, p in zip(model.rows, _rows_with_grad(optimizer, len(model.rows)), strict=True) if p]
+        for rows in trained_rows:
+            assert scores.count[rows].min() > 0, f"trains on unscored targets {rows[scores.count[rows] == 0][:5]}"
+        steps.append((len(trained_rows), trained_rows))
+
+    handle = register_optimizer_step_pre_hook(check)
+    try:
+        scorer = ChunkedSGDScorer(cfg, TTTStats(cfg.mode)) if cfg.mode == "sgd" else DocumentLoRAScorer(cfg, TTTStats(cfg.mode))
+        scorer(model, scores, windows, context(vocab))
+    finally:
+        handle.remove()
+    assert steps and sum(k for k, _ in steps) > 0
+    assert compliance.score_before_update(scores, True)["passed"]
+    if cfg.mode == "lora" and not cfg.phases:  # (global passes train whole scored documents)
+        starts, ends = document_spans(tokens, BOS)
+        for s, e in zip(starts, ends, strict=True):  # a document's last chunk is never trained by its LoRA
+            last_chunk_start = s + ((e - s - 1) // 16) * 16 + 1
+            assert not any(lo <= last_chunk_start < hi for _, lo, hi in scores.updates)
+
+
+def _rows_with_grad(optimizer: torch.optim.Optimizer, rows: int) -> list[bool]:
+    """Which batch rows the step's loss depends on: all rows for full-parameter SGD (its rows are
+    all training sequences); for LoRA, rows whose adapter B received a non-zero gradient."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    batched = [p for p in params if p.dim() == 3 and p.shape[0] == rows]
+    if not batched:
+        return [True] * rows
+    return [bool(any(p.grad[b].abs().sum() > 0 for p in batched)) for b in range(rows)]
+
+
+# --- per-document LoRA ------------------------------------------------------------------------
+
+
+def test_zero_b_adapters_score_exactly_as_the_base_model():
+    vocab = 64
+    model = random_model(vocab)
+    lora = LoRAModel(model, TTTConfig(mode="lora", lora_rank=4), seed=0)
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, vocab, size=(3, 20)))
+    with torch.no_grad(), lora.hooked(lora.new_adapters(3, torch.device("cpu"))):
+        adapted = lora.logits(x)
+    with torch.no_grad():
+        base = model.logits(model.forward_hidden(x))
+    assert torch.equal(adapted, base)
+
+
+def test_zero_learning_rate_lora_equals_the_plain_document_isolated_evaluation():
+    vocab = 64
+    tokens = documents(600, [150, 90, 200, 160], vocab)
+    ctx = context(vocab)
+    cfg = TTTConfig(mode="lora", lora_rank=4, lora_chunk=16, lora_lr=0.0, lora_weight_decay=0.0, lora_batch_docs=2)
+    adapted = run(DocumentLoRAScorer(cfg, TTTStats("lora")), random_model(vocab), tokens, plain_windows(600, 32), ctx)
+    starts, ends = document_spans(tokens, BOS)
+    doc_windows = document_windows(starts, ends, 16, 32)
+    plain = run(WindowScorer(), random_model(vocab), tokens, doc_windows, ctx)
+    # the same windows, batched differently (documents padded to a common width): float32 rounding only
+    np.testing.assert_allclose(adapted.nll, plain.nll, rtol=0, atol=1e-6)
+    assert (adapted.count[1:] == 1).all() and adapted.windows is not None
+
+
+def test_lora_adapts_within_a_document_and_the_first_chunk_is_untouched():
+    vocab = 64
+    tokens = documents(400, [400], vocab)
+    tokens[1:] = np.tile(np.arange(2, 18), 25)[:399]  # a repetitive document: adapters learn it
+    ctx = context(vocab)
+    base_cfg = TTTConfig(mode="lora", lora_rank=4, lora_chunk=16, lora_lr=0.0, lora_weight_decay=0.0)
+    plain = run(DocumentLoRAScorer(base_cfg, TTTStats("lora")), random_model(vocab), tokens, plain_windows(400, 32), ctx)
+    cfg = TTTConfig(mode="lora", lora_rank=4, lora_chunk=16, lora_lr=0.01, lora_betas=[0.9, 0.999])
+    adapted = run(DocumentLoRAScorer(cfg, TTTStats("lora")), random_model(vocab), tokens, plain_windows(400, 32), ctx)
+    np.testing.assert_array_equal(adapted.nll[1:17], plain.nll[1:17])
+    assert adapted.nll[17:].sum() < plain.nll[17:].sum()
+
+
+@pytest.mark.parametrize("cfg", [
+    TTTConfig(mode="lora", lora_rank=4, lora_chunk=16, lora_batch_docs=2, lora_lr=0.01),
+    TTTConfig(mode="lora", lora_rank=4, lora_chunk=16, lora_batch_docs=2, lora_lr=0.01, phases=3, prefix_docs=9,
+              chunk_tokens=64, lr=0.01),
+], ids=["lora", "phased"])
+def test_document_scores_never_depend_on_what_follows(cfg):
+    """Later text may end the cut's document early and add documents (so fewer or more phases
+    complete); no score at or before the cut may change."""
+    vocab = 64
+    tokens = documents(1000, [90, 150, 60, 200, 120, 100, 180, 100], vocab)
+    cut = 455  # inside the fourth document, 20 targets into a 16-target chunk grid
+    other = tokens.copy()
+    other[cut + 1 :] = np.random.default_rng(5).integers(2, vocab, size=tokens.size - cut - 1)
+    other[[cut + 3, cut + 60, cut + 130, cut + 300]] = BOS
+    ctx = context(vocab)
+    windows = plain_windows(1000, 32)
+    base = run(DocumentLoRAScorer(cfg, TTTStats("lora")), random_model(vocab), tokens, windows, ctx)
+    changed = run(DocumentLoRAScorer(cfg, TTTStats("lora")), random_model(vocab), other, windows, ctx)
+    np.testing.assert_allclose(base.nll[: cut + 1], changed.nll[: cut + 1], rtol=0, atol=1e-6)  # batch shapes differ
+    assert not np.array_equal(base.nll[cut + 1 :], changed.nll[cut + 1 :])
+
+
+def test_depth_recurrence_gets_one_adapter_per_virtual_layer():
+    vocab = 64
+    model = random_model(vocab)
+    model.encoder_indices, model.decoder_indices, model.looping_active = [0, 1, 0], [1, 0, 1], True
+    cfg = TTTConfig(mode="lora", lora_rank=4, lora_targets=["q", "v", "mlp"])
+    lora = LoRAModel(model, cfg, seed=0)
+    assert sorted(lora.shapes) == sorted(f"{s}_{t}" for s in range(6) for t in ("q", "v", "mlp"))
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, vocab, size=(2, 12)))
+    adapters = lora.new_adapters(2, torch.device("cpu"))
+    with torch.no_grad(), lora.hooked(adapters):
+        base = lora.logits(x)
+        adapters.B["2_q"].normal_()  # the third pass (block 0's second run) only
+        third_pass = lora.logits(x)
+        adapters.B["2_q"].zero_()
+        adapters.B["0_q"].normal_()
+        first_pass = lora.logits(x)
+    assert not torch.equal(base, third_pass) and not torch.equal(third_pass, first_pass)
+
+
+# --- the technique ----------------------------------------------------------------------------
+
+
+def test_config_checks():
+    with pytest.raises(Exception, match="lora_targets"):
+        resolve({"ttt": {"lora_targets": ["q", "nope"]}})
+    with pytest.raises(Exception, match="lora_context"):
+        resolve({"ttt": {"lora_chunk": 64, "lora_context": 32}})
+    ctx = context(64, seq_len=256)
+    ctx.enabled = resolve({"ttt": {"mode": "lora"}, "sliding_window": {}})
+    lora = ctx.technique("ttt")
+    assert any("sliding_window" in e for e in lora.pgolf_contribute_config_errors(ctx=ctx))
+    short = TTT(TTTConfig(chunk_tokens=128))
+    assert any("chunk_tokens" in e for e in short.pgolf_contribute_config_errors(ctx=ctx))
+
+
+# --- two ranks (gloo on CPU) ------------------------------------------------------------------
+
+
+def _rank_body(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from pgolf.context import Distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        for mode in TWO_RANK_MODES:
+            scores = _two_rank_case(mode, Distributed(rank=rank, world_size=world))
+            if rank == 0:
+                np.save(f"{out}-{mode}.npy", np.stack([scores.nll, scores.count.astype(np.float64)]))
+                assert compliance.score_before_update(scores, True)["passed"]
+    finally:
+        dist.destroy_process_group()
+
+
+TWO_RANK_MODES = ("sgd", "phased")
+
+
+def _two_rank_case(mode: str, distributed) -> TokenScores:
+    vocab = 64
+    tokens = documents(900, [150, 90, 200, 160, 300], vocab)
+    ctx = context(vocab)
+    ctx.dist = distributed
+    if mode == "sgd":
+        scorer = ChunkedSGDScorer(TTTConfig(lr=0.01, chunk_tokens=128), TTTStats(mode))
+    else:
+        cfg = TTTConfig(mode="lora", lora_rank=4, lora_chunk=16, lora_batch_docs=2, lora_lr=0.01, phases=2,
+                        prefix_docs=3, chunk_tokens=64, lr=0.01)
+        scorer = DocumentLoRAScorer(cfg, TTTStats(mode))
+    scores = run(scorer, random_model(vocab), tokens, sliding_windows(900, 32, 8), ctx)
+    scores.reduce()
+    return scores
+
+
+def test_two_ranks_score_what_one_rank_scores(tmp_path):
+    """Windows and documents split over two gloo ranks, gradients summed: the single-rank scores."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from pgolf.context import Distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "two")
+    mp.spawn(_rank_body, args=(2, port, out), nprocs=2)
+    for mode in TWO_RANK_MODES:
+        nll, count = np.load(f"{out}-{mode}.npy")
+        single = _two_rank_case(mode, Distributed())
+        assert (count[1:] == 1).all()
+        np.testing.assert_allclose(nll, single.nll, rtol=0, atol=1e-5)
