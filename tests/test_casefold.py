@@ -10,6 +10,16 @@ import pytest
 import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from pgolf import shards
+from pgolf.bpb import build_byte_tables, stream_bytes
+from pgolf.corpus import embedded_documents, is_validation_document
+from pgolf.data import ensure_embedded_dataset, load_dataset
+from pgolf.errors import ConfigError, DataError
+from pgolf.lifecycle import Session, run_recipe
+from pgolf.reporter import Reporter
+from pgolf.textdata import build_dataset, read_manifest, transform_by_name
+from pgolf.tokenizer import BOS_ID, text_normalizer
 from pgolf_plugins.casefold import (
     ALLCAPS,
     CAPNEXT,
@@ -25,16 +35,6 @@ from pgolf_plugins.casefold import (
     piece_surfaces,
     shard_problems,
 )
-
-from pgolf import shards
-from pgolf.bpb import build_byte_tables, stream_bytes
-from pgolf.corpus import embedded_documents, is_validation_document
-from pgolf.data import ensure_embedded_dataset, load_dataset
-from pgolf.errors import ConfigError, DataError
-from pgolf.lifecycle import Session, run_recipe
-from pgolf.reporter import Reporter
-from pgolf.textdata import build_dataset, read_manifest, transform_by_name
-from pgolf.tokenizer import BOS_ID, text_normalizer
 from tests.conftest import official_tokenizer
 from tests.test_cli import pgolf
 

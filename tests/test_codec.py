@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from pgolf_plugins.codec import CodecConfig, configure_export
 
 from pgolf.artifact import FILE_MAGIC
 from pgolf.codecs import CODEC_IDS, compress, decompress
@@ -11,6 +10,7 @@ from pgolf.errors import ConfigError
 from pgolf.lifecycle import Session
 from pgolf.recipe import ExportConfig
 from pgolf.reporter import Reporter
+from pgolf_plugins.codec import CodecConfig, configure_export
 from tests.micro_training import export_with, stored_tensors, train_micro
 
 QUIET = Reporter(quiet=True)

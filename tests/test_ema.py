@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pgolf_plugins.ema import ExponentialAverage, SnapshotAverage, float_state, load_average, swa_collects
 from torch import nn
 
 from pgolf.errors import ConfigError
 from pgolf.lifecycle import run_recipe
 from pgolf.registry import Technique, resolve
 from pgolf.reporter import Reporter
+from pgolf_plugins.ema import ExponentialAverage, SnapshotAverage, float_state, load_average, swa_collects
 
 M = "tests.test_ema"
 QUIET = Reporter(quiet=True)

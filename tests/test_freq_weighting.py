@@ -6,15 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from pgolf_plugins.freq_weighting import (
-    add_row_group,
-    byte_length_weights,
-    count_token_frequencies,
-    inverse_frequency_weights,
-    position_weights,
-    top_tokens,
-)
-from pgolf_plugins.gptq import HessianCollector
 
 from pgolf import shards
 from pgolf.data import DataLedger
@@ -24,6 +15,15 @@ from pgolf.model import GPT
 from pgolf.quant import QuantSpec, dequantize, quantize_rtn
 from pgolf.recipe import ModelConfig
 from pgolf.reporter import Reporter
+from pgolf_plugins.freq_weighting import (
+    add_row_group,
+    byte_length_weights,
+    count_token_frequencies,
+    inverse_frequency_weights,
+    position_weights,
+    top_tokens,
+)
+from pgolf_plugins.gptq import HessianCollector
 
 QUIET = Reporter(quiet=True)
 

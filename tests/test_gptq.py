@@ -7,6 +7,13 @@ import json
 
 import pytest
 import torch
+
+from pgolf.errors import ConfigError
+from pgolf.lifecycle import Session, run_recipe
+from pgolf.model import GPT
+from pgolf.quant import QuantSpec, dequantize, quantize_rows, quantize_rtn
+from pgolf.recipe import ModelConfig
+from pgolf.reporter import Reporter
 from pgolf_plugins.gptq import (
     HessianCollector,
     collect_hessians,
@@ -16,13 +23,6 @@ from pgolf_plugins.gptq import (
     self_generate,
     spec_scales,
 )
-
-from pgolf.errors import ConfigError
-from pgolf.lifecycle import Session, run_recipe
-from pgolf.model import GPT
-from pgolf.quant import QuantSpec, dequantize, quantize_rows, quantize_rtn
-from pgolf.recipe import ModelConfig
-from pgolf.reporter import Reporter
 from tests.micro_training import stored_tensors
 
 QUIET = Reporter(quiet=True)

@@ -8,6 +8,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
+from pgolf.errors import ConfigError
+from pgolf.lifecycle import Session, run_recipe
+from pgolf.model import GPT
+from pgolf.optim import Muon, build_optimizers
+from pgolf.recipe import ModelConfig, OptimConfig, TrainConfig
+from pgolf.registry import resolve
+from pgolf.reporter import Reporter
+from pgolf.train import lr_multiplier
 from pgolf_plugins.leaky_relu import use_leaky_relu2
 from pgolf_plugins.muon_eq_r import use_row_normalized_muon
 from pgolf_plugins.muon_wd import MuonWDConfig, use_weight_decay
@@ -18,15 +27,6 @@ from pgolf_plugins.recurrence import RecurrenceConfig, activate, apply_recurrenc
 from pgolf_plugins.smear_gate import use_smear_gate
 from pgolf_plugins.warmdown import WarmdownConfig, use_warmdown
 from pgolf_plugins.xsa import use_xsa
-
-from pgolf.errors import ConfigError
-from pgolf.lifecycle import Session, run_recipe
-from pgolf.model import GPT
-from pgolf.optim import Muon, build_optimizers
-from pgolf.recipe import ModelConfig, OptimConfig, TrainConfig
-from pgolf.registry import resolve
-from pgolf.reporter import Reporter
-from pgolf.train import lr_multiplier
 
 QUIET = Reporter(quiet=True)
 MINE = ["ema", "leaky_relu", "muon_eq_r", "muon_wd", "parallel_residuals", "partial_rope", "qk_gain", "recurrence",

@@ -8,6 +8,14 @@ import json
 
 import pytest
 import torch
+
+from pgolf.artifact import decode_artifact
+from pgolf.errors import ConfigError
+from pgolf.lifecycle import Session, run_recipe, session_from_artifact_meta
+from pgolf.model import GPT
+from pgolf.recipe import ModelConfig
+from pgolf.registry import resolve
+from pgolf.reporter import Reporter
 from pgolf_plugins.recurrence import (
     LoopSwitch,
     Recurrence,
@@ -23,14 +31,6 @@ from pgolf_plugins.recurrence import (
     split_encoder_decoder,
     virtual_layers,
 )
-
-from pgolf.artifact import decode_artifact
-from pgolf.errors import ConfigError
-from pgolf.lifecycle import Session, run_recipe, session_from_artifact_meta
-from pgolf.model import GPT
-from pgolf.recipe import ModelConfig
-from pgolf.registry import resolve
-from pgolf.reporter import Reporter
 
 QUIET = Reporter(quiet=True)
 

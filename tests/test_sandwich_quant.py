@@ -7,13 +7,13 @@ import zlib
 
 import pytest
 import torch
-from pgolf_plugins.sandwich_quant import SandwichConfig, position_of, sandwich_bits
 
 from pgolf.errors import ConfigError
 from pgolf.lifecycle import Session
 from pgolf.quant import QuantSpec, default_spec, dequantize, qmax, quantize_rtn
 from pgolf.recipe import ExportConfig
 from pgolf.reporter import Reporter
+from pgolf_plugins.sandwich_quant import SandwichConfig, position_of, sandwich_bits
 
 QUIET = Reporter(quiet=True)
 

@@ -10,12 +10,12 @@ import brotli
 import numpy as np
 import pytest
 import torch
-from pgolf_plugins.sdclip import apply_sdclip, hessian_row_factor, sdclip_scale, search_multiplier, tensor_role
 
 from pgolf.errors import ConfigError
 from pgolf.lifecycle import Session
 from pgolf.quant import QuantSpec, dequantize, quantize_rtn
 from pgolf.reporter import Reporter
+from pgolf_plugins.sdclip import apply_sdclip, hessian_row_factor, sdclip_scale, search_multiplier, tensor_role
 from tests.micro_training import export_with as export_micro
 from tests.micro_training import train_micro
 
