@@ -305,20 +305,33 @@ class LoRAAdapters(nn.Module):
 
 
 def model_blocks(model: nn.Module) -> list[nn.Module]:
+    """Blocks by virtual-plan index: the physical blocks, then depth recurrence's per-pass blocks."""
     return [*getattr(model, "blocks", []), *getattr(model, "extra_blocks", [])]
 
 
 def target_module(block: nn.Module, target: str) -> nn.Module:
-    """The module whose output a LoRA of `target` adds to (its input is the adapter's input)."""
-    attn = block.attn
+    """The module whose output a LoRA of `target` adds to (its input is the adapter's input).
+
+    A recurrence pass block with its own MLP shares the looped block's attention (`shared`).
+    """
+    attn = getattr(block, "shared", block).attn
     return {"q": attn.c_q, "k": attn.c_k, "v": attn.c_v, "o": attn, "mlp": block.mlp}[target]
+
+
+def hooked_modules(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Module]]:
+    """Each module a LoRA target adds to, once: physical blocks own every target, per-pass blocks
+    only their untied MLP (their attention is the physical block's)."""
+    found = [(t, target_module(b, t)) for b in getattr(model, "blocks", []) for t in targets]
+    found += [("mlp", b.mlp) for b in getattr(model, "extra_blocks", []) if "mlp" in targets]
+    return found
 
 
 class LoRAModel:
     """Runs the model's own forward with per-document adapters added through module hooks.
 
-    A pre-hook on every block advances the virtual-layer slot, so a block that runs several
-    times under depth recurrence gets a separate adapter per pass, as in the records.
+    A pre-hook on every block's attention norm advances the virtual-layer slot (every path through
+    a block, one- or two-lane, tied or untied pass, runs it exactly once), so a block that runs
+    several times under depth recurrence gets a separate adapter per pass, as in the records.
     """
 
     def __init__(self, model: nn.Module, cfg: TTTConfig, seed: int) -> None:
@@ -352,12 +365,9 @@ class LoRAModel:
 
     @contextmanager
     def hooked(self, adapters: LoRAAdapters) -> Iterator[None]:
-        handles = []
-        blocks = model_blocks(self.model)
-        for block in blocks:
-            handles.append(block.register_forward_pre_hook(self._enter_block))
-            for target in self.block_targets:
-                handles.append(target_module(block, target).register_forward_hook(self._adder(target)))
+        handles = [block.attn_norm.register_forward_pre_hook(self._enter_block) for block in self.model.blocks]
+        for target, module in hooked_modules(self.model, self.block_targets):
+            handles.append(module.register_forward_hook(self._adder(target)))
         self.adapters = adapters
         try:
             yield

@@ -301,6 +301,40 @@ def test_depth_recurrence_gets_one_adapter_per_virtual_layer():
     assert not torch.equal(base, third_pass) and not torch.equal(third_pass, first_pass)
 
 
+
+@pytest.mark.parametrize("variant", ["two_lane", "sum"])
+def test_recurrence_with_untied_passes_and_parallel_lanes_keeps_one_slot_per_virtual_layer(variant):
+    """The record stack's eval model: layers looped with per-pass MLPs, the decoder on parallel
+    residuals. Every virtual layer is one slot; zero adapters give the model's own logits; an
+    adapter on a repeated pass's MLP changes only what that pass computes."""
+    from pgolf_plugins.recurrence import RecurrenceConfig, apply_recurrence, set_loop_passes
+
+    vocab = 64
+    cfg = ModelConfig(vocab_size=vocab, num_layers=4, model_dim=32, num_heads=2, num_kv_heads=1,
+                      parallel_start_layer=2, parallel_variant=variant)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    loop = RecurrenceConfig(loop_start=1, loop_end=2, num_loops=2, untie_mlp=True)
+    apply_recurrence(model, loop)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    set_loop_passes(model, loop, loop.num_loops)
+    model.eval()
+    lora = LoRAModel(model, TTTConfig(mode="lora", lora_rank=4), seed=0)
+    plan = [*model.encoder_indices, *model.decoder_indices]
+    assert len(plan) == 8 and len(lora.plan) == 8
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, vocab, size=(2, 12)))
+    adapters = lora.new_adapters(2, torch.device("cpu"))
+    untied_slot = next(s for s, i in enumerate(plan) if i >= len(model.blocks))
+    with torch.no_grad():
+        plain = model.logits(model.forward_hidden(x))
+    with torch.no_grad(), lora.hooked(adapters):
+        base = lora.logits(x)
+        torch.testing.assert_close(base, plain, rtol=0, atol=0)
+        adapters.B[f"{untied_slot}_mlp"].normal_()
+        assert not torch.equal(lora.logits(x), base)
+
 # --- the technique ----------------------------------------------------------------------------
 
 
