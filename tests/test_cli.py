@@ -26,8 +26,12 @@ def micro_flags() -> list[str]:
 
 def test_run_end_to_end_through_the_cli(tmp_path):
     out = tmp_path / "run"
-    proc = pgolf("run", "recipes/best.yaml", "--scale", "tiny", "--steps", "2", *micro_flags(), "--out", str(out),
-                 "--strict")
+    # best's techniques sized to MICRO's 2 layers and 64-token windows
+    fit = ["techniques.recurrence.loop_start=0", "techniques.recurrence.loop_end=1",
+           "techniques.parallel_residuals.start_layer=1", "techniques.ttt.lora_chunk=32",
+           "techniques.ttt.chunk_tokens=1024", "techniques.gptq.calibration_batches=2"]
+    proc = pgolf("run", "recipes/best.yaml", "--scale", "tiny", "--steps", "2", *micro_flags(),
+                 *[flag for item in fit for flag in ("--set", item)], "--out", str(out), "--strict")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     result = json.loads((out / "result.json").read_text())
     assert result["steps"] == 2 and result["valid"]

@@ -31,6 +31,7 @@ from pgolf_plugins.recurrence import (
     split_encoder_decoder,
     virtual_layers,
 )
+from tests.test_model import randomized
 
 QUIET = Reporter(quiet=True)
 
@@ -38,15 +39,6 @@ QUIET = Reporter(quiet=True)
 def eleven(**kw) -> ModelConfig:
     """The records' 11-layer stack at toy width."""
     return ModelConfig(**{**dict(vocab_size=64, num_layers=11, model_dim=32, num_heads=4, num_kv_heads=2), **kw})
-
-
-def randomized(cfg: ModelConfig, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    return model
 
 
 def looped(cfg: RecurrenceConfig, seed: int = 0, passes: int | None = None) -> GPT:
