@@ -114,19 +114,27 @@ def summary_table(result: dict[str, Any]) -> Table:
     return table
 
 
+# Options several commands share: one definition each, so their flags and help agree.
+SCALE_OPTION = typer.Option(None, help="Scale overlay, e.g. 'tiny' for a CPU run on the embedded corpus.")
+TOKENIZER_OPTION = typer.Option(None, help="SentencePiece .model for --data.")
+STEPS_OPTION = typer.Option(None, help="Step-matched mode: exactly N steps, no wallclock cap.")
+SET_OPTION = typer.Option([], "--set", help="Override a recipe value: key.path=value (repeatable).")
+DEBUG_OPTION = typer.Option(False, help="Show tracebacks.")
+
+
 @app.command()
 def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/best.yaml."),
-    scale: str | None = typer.Option(None, help="Scale overlay, e.g. 'tiny' for a CPU run on the embedded corpus."),
+    scale: str | None = SCALE_OPTION,
     data: Path | None = typer.Option(None, help="Directory of challenge shards (fineweb_train_*.bin, fineweb_val_*.bin)."),
-    tokenizer: Path | None = typer.Option(None, help="SentencePiece .model for --data."),
+    tokenizer: Path | None = TOKENIZER_OPTION,
     seed: int | None = typer.Option(None, help="Random seed (default: the recipe's)."),
-    steps: int | None = typer.Option(None, help="Step-matched mode: exactly N steps, no wallclock cap."),
-    set_: list[str] = typer.Option([], "--set", help="Override a recipe value: key.path=value (repeatable)."),
+    steps: int | None = STEPS_OPTION,
+    set_: list[str] = SET_OPTION,
     out: Path | None = typer.Option(None, help="Run directory (default: runs/<recipe>-<scale>-seed<seed>-<time>)."),
     device: str | None = typer.Option(None, help="Force a device (cpu, cuda, cuda:1)."),
     strict: bool = typer.Option(False, help="Exit non-zero when any validity audit fails."),
-    debug: bool = typer.Option(False, help="Show tracebacks."),
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """Run the whole lifecycle: data, train, average, export, round trip, eval, report."""
 
@@ -157,14 +165,14 @@ def run(
 def eval_cmd(
     target: Path = typer.Argument(..., help="A run directory, an artifact.pga, or a final_model.pt (pgolf's or the challenge's)."),
     data: Path | None = typer.Option(None, help="Directory of challenge shards (default: the artifact's data)."),
-    tokenizer: Path | None = typer.Option(None, help="SentencePiece .model for --data."),
+    tokenizer: Path | None = TOKENIZER_OPTION,
     with_: str = typer.Option("", "--with", help="Eval-stage techniques to add, comma-separated (e.g. sliding_window,ttt)."),
     recipe: Path | None = typer.Option(None, help="Recipe for a final_model.pt (default: recipes/baseline.yaml)."),
     scale: str | None = typer.Option(None, help="Scale overlay for --recipe."),
-    set_: list[str] = typer.Option([], "--set", help="Override a recipe value: key.path=value (repeatable)."),
+    set_: list[str] = SET_OPTION,
     out: Path | None = typer.Option(None, help="Write result.json here."),
     strict: bool = typer.Option(False, help="Exit non-zero when any validity audit fails."),
-    debug: bool = typer.Option(False, help="Show tracebacks."),
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """Re-score a stored artifact (or a raw checkpoint) without retraining."""
 
@@ -184,7 +192,7 @@ def eval_cmd(
 
 @app.command()
 def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-            debug: bool = typer.Option(False, help="Show tracebacks.")) -> None:
+            debug: bool = DEBUG_OPTION) -> None:
     """List installed techniques: summary, stage and hooks."""
 
     def body() -> None:
@@ -249,15 +257,15 @@ def ablate(
     baseline: str | None = typer.Option(None, help="The arm variants are tested against: all-off (default) | recipe."),
     workers: int | None = typer.Option(None, help="Worker processes: one run per GPU, or CPU threads divided (default 1)."),
     out: Path | None = typer.Option(None, help="Ablation directory (default: runs/ablate-<recipe>-<scale>-<toggles>)."),
-    scale: str | None = typer.Option(None, help="Scale overlay, e.g. 'tiny' for a CPU run on the embedded corpus."),
+    scale: str | None = SCALE_OPTION,
     data: Path | None = typer.Option(None, help="Directory of challenge shards."),
-    tokenizer: Path | None = typer.Option(None, help="SentencePiece .model for --data."),
-    steps: int | None = typer.Option(None, help="Step-matched mode: exactly N steps, no wallclock cap."),
-    set_: list[str] = typer.Option([], "--set", help="Override a recipe value: key.path=value (repeatable)."),
+    tokenizer: Path | None = TOKENIZER_OPTION,
+    steps: int | None = STEPS_OPTION,
+    set_: list[str] = SET_OPTION,
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again the stages that failed before."),
     fmt: str = typer.Option("table", "--format", help="table | md | csv | json."),
     plot: Path | None = typer.Option(None, help="Also draw each arm's val_bpb with its CI to this PNG (needs matplotlib)."),
-    debug: bool = typer.Option(False, help="Show tracebacks."),
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """Toggle techniques across seeds; train once per distinct model; Welch tests against the baseline arm."""
 
@@ -285,7 +293,7 @@ def report(
     directory: Path = typer.Argument(..., help="An ablation directory written by pgolf ablate."),
     fmt: str = typer.Option("table", "--format", help="table | md | csv | json."),
     plot: Path | None = typer.Option(None, help="Also draw each arm's val_bpb with its CI to this PNG (needs matplotlib)."),
-    debug: bool = typer.Option(False, help="Show tracebacks."),
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """Re-render an ablation's table from its stored results (runs nothing)."""
 
@@ -305,7 +313,7 @@ def stats_cmd(
     tokens_per_byte: float | None = typer.Option(None, help="Tokens per byte of the runs (val_bpb * ln 2 / val_loss), "
                                                  "to convert the margin to bpb; without it the written rule is not tested."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    debug: bool = typer.Option(False, help="Show tracebacks."),
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """Compare two sets of per-seed scores by the leaderboard's one-sided Welch test and the written rule."""
 
@@ -351,7 +359,7 @@ def data_text(
     transform: str | None = typer.Option(None, help="Apply a technique's text transform (e.g. casefold) before tokenizing."),
     casefold: bool = typer.Option(False, "--casefold", help="Same as --transform casefold: lossless CaseOps with a byte sidecar."),
     tokenizer: Path | None = typer.Option(None, help="Use this SentencePiece model instead of training one."),
-    debug: bool = typer.Option(False, help="Show tracebacks."),
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """Turn local text or JSONL into a tokenizer (the challenge's trainer settings) and train/val shards."""
 
@@ -381,7 +389,7 @@ def data_fineweb(
     revision: str | None = typer.Option(None, help="Branch, tag or commit of --repo-id."),
     local_repo: Path | None = typer.Option(None, help="Copy from a local directory laid out like the repository instead."),
     remote_root: str = typer.Option("datasets", help="Folder of the repository that holds manifest.json."),
-    debug: bool = typer.Option(False, help="Show tracebacks."),
+    debug: bool = DEBUG_OPTION,
 ) -> None:
     """Fetch the challenge's cached FineWeb shards and tokenizer (checked, resumable)."""
 

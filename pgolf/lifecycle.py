@@ -296,11 +296,14 @@ class Session:
     def load_artifact(self, blob: bytes) -> nn.Module:
         """Decode an artifact into a fresh model; everything after this uses only the artifact."""
         tensors, _meta = decode_artifact(blob)
-        model = self.new_model()
-        state = {name: dequantize(qt) for name, qt in tensors.items()}
-        model.load_state_dict(state, strict=True)
-        model = prepare_for_device(model, self.device)
+        model = self.model_with({name: dequantize(qt) for name, qt in tensors.items()})
         self.hook.pgolf_on_artifact_loaded(model=model, ctx=self.ctx)
+        return model
+
+    def model_with(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A fresh model (already on the device, in its dtypes) holding `state`."""
+        model = self.new_model()
+        model.load_state_dict(state, strict=True)
         return model
 
     def load_checkpoint(self, state: dict[str, torch.Tensor], train_info: dict[str, Any]) -> nn.Module:
@@ -311,9 +314,7 @@ class Session:
         turns looping on) through ``pgolf_on_artifact_loaded``; later-stage techniques are left
         out, because the checkpoint is a product of the train stage alone.
         """
-        model = self.new_model()
-        model.load_state_dict(state, strict=True)
-        model = prepare_for_device(model, self.device)
+        model = self.model_with(state)
         later = [e.instance for e in self.enabled if e.stage != "train"]
         self.pm.subset_hook_caller("pgolf_on_artifact_loaded", remove_plugins=later)(model=model, ctx=self.ctx)
         self.ctx.step = int(train_info.get("steps", 0))
