@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from pgolf.lifecycle import Session
+from pgolf.host import Session, load_data, new_model
+from pgolf.loop import LoopHooks, train
 from pgolf.model import GPT
 from pgolf.recipe import load_recipe
 from pgolf.reporter import Reporter
-from pgolf.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_MFU = 0.5
@@ -77,6 +77,17 @@ def matmul_peak(seconds: float, sizes: tuple[int, ...] = (512, 1024, 2048)) -> t
     return best_wall, best_cpu
 
 
+def loop_hooks(session: Session) -> LoopHooks:
+    """The hook calls at the loop's seams, as `pgolf.host.train_stage` wires them."""
+    hook, ctx = session.hook, session.ctx
+    return LoopHooks(
+        warmup_phases=lambda m: [p for batch in hook.pgolf_contribute_warmup_phases(model=m, ctx=ctx) for p in batch or []],
+        train_start=lambda m: hook.pgolf_on_train_start(model=m, ctx=ctx),
+        step_start=lambda m: hook.pgolf_on_step_start(model=m, ctx=ctx),
+        step_end=lambda m: hook.pgolf_on_step_end(model=m, ctx=ctx),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "best.yaml"))
@@ -94,18 +105,19 @@ def main() -> None:
     recipe = load_recipe(args.recipe, [f"train.iterations={args.steps}", "train.max_wallclock_seconds=0",
                                        "train.warmup_steps=0", "train.log_every=0", *args.overrides], scale=args.scale)
     session = Session(recipe, reporter=Reporter(quiet=True))
-    session.load_data()
-    model = session.new_model()
+    load_data(session)
+    model = new_model(session)
     optimizers = session.hook.pgolf_provide_optimizers(model=model, ctx=session.ctx)
+    seams = loop_hooks(session)
     causal, palm = model_flops_per_token(model, recipe.train.seq_len)
     tokens_per_step = recipe.train.batch_tokens
-    train(model, model, optimizers, session.ctx)  # first-touch allocations and lazy init, not timed
+    train(model, model, optimizers, session.data, session.ctx, seams)  # first-touch allocations and lazy init, not timed
 
     rounds = []
     for _ in range(args.rounds):
         peak, peak_cpu = matmul_peak(args.peak_seconds)
         cpu = time.process_time()
-        result = train(model, model, optimizers, session.ctx)
+        result = train(model, model, optimizers, session.data, session.ctx, seams)
         step_cpu = (time.process_time() - cpu) / result.steps
         step_s = result.train_seconds / result.steps
         achieved = causal * tokens_per_step / step_s

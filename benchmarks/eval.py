@@ -14,17 +14,16 @@ import argparse
 import copy
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pgolf.context import RunContext
-from pgolf.data import load_dataset
-from pgolf.evaluate import EvalWindows, TokenScores, WindowScorer, plain_windows
+from pgolf.context import DataView, RunContext
+from pgolf.data.dataset import load_dataset
 from pgolf.model import build_model
 from pgolf.recipe import load_recipe
+from pgolf.scores import EvalWindows, Scorer, TokenScores, WindowScorer, plain_windows
 from pgolf_plugins.ppm import PPM, PPMConfig
 from pgolf_plugins.sliding_window import sliding_windows
 from pgolf_plugins.ttt import ChunkedSGDScorer, DocumentLoRAScorer, TTTConfig, TTTStats
@@ -42,18 +41,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     recipe = load_recipe(REPO / "recipes" / "baseline.yaml", scale="tiny")
     data = load_dataset(None, None, recipe.model.vocab_size)
-    ctx = RunContext(recipe=recipe, device=torch.device("cpu"), data=data)
+    ctx = RunContext(recipe=recipe, device=torch.device("cpu"), data=DataView(data.bos_id, data.vocab_size, data))
     tokens = data.val_tokens[: args.tokens + 1]
     counts = data.val_bytes[: args.tokens + 1]
     torch.manual_seed(recipe.seed)
     base = build_model(recipe.model, bos_id=data.bos_id).float().eval()
     seq_len = recipe.eval_seq_len
 
-    def arm(scorer: Callable, windows: EvalWindows, ppm: bool = False) -> dict[str, float]:
+    def arm(scorer: Scorer, windows: EvalWindows, ppm: bool = False) -> dict[str, float]:
         model = copy.deepcopy(base)
         scores = TokenScores.empty(tokens, counts)
-        scores.windows = windows
         wall, cpu = time.perf_counter(), time.process_time()
+        windows = scorer.windows_for(windows, tokens, ctx)  # as the host: document LoRA scores its own
+        scores.windows = windows
         scorer(model, scores, windows, ctx)
         mixing = time.process_time()
         if ppm:

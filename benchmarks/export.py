@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from pgolf.artifact import encode_artifact, pack
+from pgolf.calibration import collect_hessians
 from pgolf.codecs import compress
 from pgolf.model import GPT
 from pgolf.quant import QuantizedTensor, QuantSpec, default_spec, quantize_rtn
 from pgolf.recipe import ExportConfig, ModelConfig
-from pgolf_plugins.gptq import collect_hessians, factorize, gptq_quantize
+from pgolf_plugins.gptq import factorize, gptq_quantize
 from pgolf_plugins.sandwich_quant import SandwichConfig, sandwich_bits
 from pgolf_plugins.sdclip import SDClipConfig, apply_sdclip, tensor_role
 

@@ -1,6 +1,6 @@
 """What the registry costs per training step: 8 enabled no-op techniques against none.
 
-Both arms run pgolf's own training loop (`pgolf.train.train`) on the same model and optimizers;
+Both arms run pgolf's own training loop (`pgolf.loop.train`) on the same model and optimizers;
 the only difference is the plugin manager: one has eight enabled techniques, each implementing
 the per-step hooks (``pgolf_on_step_start``, ``pgolf_on_step_end``) as no-ops, traced like any
 technique; the other has none, so those hooks dispatch to nothing. Rounds alternate the arms
@@ -26,11 +26,11 @@ from pathlib import Path
 
 import torch
 
-from pgolf.lifecycle import Session
+from pgolf.api import Technique
+from pgolf.host import Session, load_data, new_model
+from pgolf.loop import LoopHooks, train
 from pgolf.recipe import load_recipe
-from pgolf.registry import Technique
 from pgolf.reporter import Reporter
-from pgolf.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 TECHNIQUES = 8
@@ -61,8 +61,19 @@ def session_for(overrides: list[str], scale: str, techniques: bool) -> Session:
     if techniques:
         recipe.techniques = {f"{__name__}:{cls.__name__}": {} for cls in NOOPS}
     session = Session(recipe, reporter=Reporter(quiet=True))
-    session.load_data()
+    load_data(session)
     return session
+
+
+def loop_hooks(session: Session) -> LoopHooks:
+    """The hook calls at the loop's seams, as `pgolf.host.train_stage` wires them."""
+    hook, ctx = session.hook, session.ctx
+    return LoopHooks(
+        warmup_phases=lambda m: [p for batch in hook.pgolf_contribute_warmup_phases(model=m, ctx=ctx) for p in batch or []],
+        train_start=lambda m: hook.pgolf_on_train_start(model=m, ctx=ctx),
+        step_start=lambda m: hook.pgolf_on_step_start(model=m, ctx=ctx),
+        step_end=lambda m: hook.pgolf_on_step_end(model=m, ctx=ctx),
+    )
 
 
 def dispatch_microseconds(session: Session, model: torch.nn.Module, calls: int = 20_000) -> float:
@@ -102,17 +113,18 @@ def main() -> None:
     load_start = os.getloadavg()
     arms = {"hooks": session_for(overrides, args.scale, True), "bare": session_for(overrides, args.scale, False)}
     torch.manual_seed(0)
-    model = arms["bare"].new_model()
+    model = new_model(arms["bare"])
     optimizers = arms["bare"].hook.pgolf_provide_optimizers(model=model, ctx=arms["bare"].ctx)
+    seams = {arm: loop_hooks(session) for arm, session in arms.items()}
     times: dict[str, list[float]] = {"hooks": [], "bare": []}
     for arm in arms:  # warm both paths once
-        train(model, model, optimizers, arms[arm].ctx)
+        train(model, model, optimizers, arms[arm].data, arms[arm].ctx, seams[arm])
     cpu_times: dict[str, list[float]] = {"hooks": [], "bare": []}
     for r in range(args.rounds):
         order = ("hooks", "bare") if r % 2 == 0 else ("bare", "hooks")
         for arm in order:
             cpu = time.process_time()
-            result = train(model, model, optimizers, arms[arm].ctx)
+            result = train(model, model, optimizers, arms[arm].data, arms[arm].ctx, seams[arm])
             cpu_times[arm].append((time.process_time() - cpu) / result.steps)
             times[arm].append(result.train_seconds / result.steps)
     fired = arms["hooks"].trace.calls("noop0")

@@ -21,8 +21,8 @@ from collections import Counter, defaultdict
 import numpy as np
 import torch
 
-from pgolf.data import ensure_embedded_dataset
-from pgolf.shards import TRAIN_GLOB, VAL_GLOB, list_shards, read_shard
+from pgolf.data.dataset import ensure_embedded_dataset
+from pgolf.data.shards import TRAIN_GLOB, VAL_GLOB, list_shards, read_shard
 from pgolf_plugins.ppm import PPMConfig, choose_escapes, mix_target_probs, prefix_counts
 
 TARGET_TOKENS_PER_S = 1_000_000

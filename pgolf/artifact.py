@@ -1,24 +1,30 @@
 """The artifact: quantized tensors in a plain container, compressed, plus the counted code bytes.
 
-Layout on disk: ``b"PGA1"``, one codec byte, one byte-shuffle byte, then the compressed
-payload. The payload is ``b"PGQ1"``, a 4-byte header length, a JSON header (tensor names,
-kinds, shapes, dtypes, part offsets, and the metadata needed to rebuild the model: resolved
-recipe, enabled techniques, BOS id) and the raw little-endian tensor bytes. Loading never
-unpickles anything. The challenge counts ``code bytes + compressed model bytes`` against a
-decimal 16,000,000; both numbers come from real bytes.
+Layout on disk: ``b"PGA2"``, one codec byte, one byte-shuffle byte, the 32-byte SHA-256
+digest of the uncompressed payload, then the compressed payload. The payload is ``b"PGQ1"``, a
+4-byte header length, a JSON header (tensor names, kinds, shapes, dtypes, part offsets, and the
+metadata needed to rebuild the model: resolved recipe, enabled techniques, BOS id) and the raw
+little-endian tensor bytes. Loading never unpickles anything, and every way a file can be
+damaged (truncated, a flipped bit that the codec still decodes, garbage) is a `DataError`: the
+digest is checked after decompressing and unshuffling, so it covers the whole decode path.
+The challenge counts ``code bytes + compressed model bytes`` against a decimal 16,000,000;
+both numbers come from real bytes, and the digest's 32 bytes are part of the model bytes.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib
 import json
 import lzma
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import brotli
 import numpy as np
 import torch
 
@@ -26,15 +32,23 @@ from pgolf.codecs import CODEC_IDS, CODECS, compress, decompress
 from pgolf.errors import DataError
 from pgolf.quant import QuantizedTensor, dtype_name, torch_dtype
 
-FILE_MAGIC = b"PGA1"
+FILE_MAGIC = b"PGA2"
+LEGACY_MAGICS = (b"PGA1",)  # earlier layouts (PGA1: no checksum), named in the error rather than read
 PAYLOAD_MAGIC = b"PGQ1"
+DIGEST_SIZE = hashlib.sha256().digest_size  # 32
+BODY_OFFSET = len(FILE_MAGIC) + 2 + DIGEST_SIZE  # magic, codec byte, shuffle byte, digest
+# What each codec (and the unshuffle) raises on bytes it cannot decode.
+CODEC_ERRORS = (zlib.error, lzma.LZMAError, brotli.error, ValueError, EOFError, OverflowError)
+
+CORRUPT_HINT = "Copy the file again from where pgolf run wrote it, or re-create it with pgolf run."
 
 # The host modules a submission needs to train and evaluate (CLI, ablation and statistics are
 # tooling, not submission code). Enabled techniques add their own modules.
 SUBMISSION_MODULES = (
-    "pgolf.model", "pgolf.optim", "pgolf.train", "pgolf.data", "pgolf.shards", "pgolf.bpb", "pgolf.tokenizer",
-    "pgolf.quant", "pgolf.codecs", "pgolf.artifact", "pgolf.evaluate", "pgolf.lifecycle", "pgolf.defaults",
-    "pgolf.context", "pgolf.recipe", "pgolf.config", "pgolf.hookspecs", "pgolf.registry", "pgolf.errors",
+    "pgolf.api", "pgolf.artifact", "pgolf.calibration", "pgolf.codecs", "pgolf.compliance", "pgolf.config",
+    "pgolf.context", "pgolf.data.bpb", "pgolf.data.dataset", "pgolf.data.shards", "pgolf.data.tokenizer",
+    "pgolf.defaults", "pgolf.errors", "pgolf.hookspecs", "pgolf.host", "pgolf.loop", "pgolf.model", "pgolf.optim",
+    "pgolf.products", "pgolf.quant", "pgolf.recipe", "pgolf.registry", "pgolf.runtime", "pgolf.scores",
 )
 
 
@@ -73,34 +87,72 @@ def pack(tensors: dict[str, QuantizedTensor], meta: dict[str, Any]) -> bytes:
     return PAYLOAD_MAGIC + struct.pack("<I", len(head)) + head + b"".join(chunks)
 
 
+def _corrupt(what: str) -> DataError:
+    return DataError(f"the artifact is corrupt or truncated: {what}", hint=CORRUPT_HINT)
+
+
 def unpack(payload: bytes) -> tuple[dict[str, QuantizedTensor], dict[str, Any]]:
     if payload[:4] != PAYLOAD_MAGIC:
-        raise DataError("not a pgolf artifact payload (bad magic)")
+        raise _corrupt(f"its payload starts with {bytes(payload[:4])!r}, not {PAYLOAD_MAGIC!r} (bad magic)")
+    if len(payload) < 8:
+        raise _corrupt(f"its payload is {len(payload)} bytes, shorter than its 8-byte preamble")
     (head_len,) = struct.unpack("<I", payload[4:8])
-    header = json.loads(payload[8 : 8 + head_len].decode("utf-8"))
+    if 8 + head_len > len(payload):
+        raise _corrupt(f"its header claims {head_len:,} bytes but only {len(payload) - 8:,} follow")
+    try:
+        header = json.loads(payload[8 : 8 + head_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupt(f"its header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list) or "meta" not in header:
+        raise _corrupt("its header lacks the 'tensors' list or the 'meta' entry")
     body = memoryview(payload)[8 + head_len :]
     tensors = {}
     for entry in header["tensors"]:
-        parts = {
-            p["key"]: _tensor_from(body[p["offset"] : p["offset"] + p["nbytes"]], p["dtype"], p["shape"])
-            for p in entry["parts"]
-        }
-        tensors[entry["name"]] = QuantizedTensor(entry["kind"], tuple(entry["shape"]), entry["dtype"], parts,
-                                                 entry.get("meta", {}))
+        try:
+            parts = {}
+            for p in entry["parts"]:
+                start, size = p["offset"], p["nbytes"]
+                if not (isinstance(start, int) and isinstance(size, int) and 0 <= start and 0 <= size
+                        and start + size <= len(body)):
+                    raise _corrupt(f"part '{p['key']}' of tensor '{entry['name']}' lies outside the "
+                                   f"{len(body):,} data bytes (offset {start}, {size} bytes)")
+                parts[p["key"]] = _tensor_from(body[start : start + size], p["dtype"], p["shape"])
+            tensors[entry["name"]] = QuantizedTensor(entry["kind"], tuple(entry["shape"]), entry["dtype"], parts,
+                                                     entry.get("meta", {}))
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:  # missing keys, bad dtype/shape
+            name = entry.get("name", "?") if isinstance(entry, dict) else "?"
+            raise _corrupt(f"its header entry for tensor '{name}' is malformed ({type(exc).__name__}: {exc})") from None
     return tensors, header["meta"]
 
 
 def encode_artifact(payload: bytes, codec: str, level: int | None, shuffle: int) -> bytes:
-    return FILE_MAGIC + bytes([CODEC_IDS[codec], shuffle]) + compress(payload, codec, level, shuffle)
+    digest = hashlib.sha256(payload).digest()
+    return FILE_MAGIC + bytes([CODEC_IDS[codec], shuffle]) + digest + compress(payload, codec, level, shuffle)
 
 
 def decode_artifact(blob: bytes) -> tuple[dict[str, QuantizedTensor], dict[str, Any]]:
-    if blob[:4] != FILE_MAGIC:
-        raise DataError("not a pgolf artifact (bad magic)", hint="Pass an artifact.pga written by pgolf run.")
+    """Decode and verify an artifact; anything but an intact artifact raises `DataError`."""
+    magic = bytes(blob[: len(FILE_MAGIC)])
+    if magic in LEGACY_MAGICS:
+        raise DataError(f"the artifact uses the older {magic.decode()} layout, which carries no checksum",
+                        hint="Re-create it with this pgolf's pgolf run (pgolf eval also scores its final_model.pt).")
+    if magic != FILE_MAGIC:
+        raise DataError(f"not a pgolf artifact, or one corrupt from its first bytes (bad magic {magic!r}, "
+                        f"expected {FILE_MAGIC!r})", hint="Pass an artifact.pga written by pgolf run.")
+    if len(blob) <= BODY_OFFSET:
+        raise _corrupt(f"it is {len(blob)} bytes, too short for its {BODY_OFFSET}-byte preamble and a body")
     codec_id, shuffle = blob[4], blob[5]
     if codec_id >= len(CODECS):
-        raise DataError(f"artifact uses unknown codec id {codec_id}")
-    return unpack(decompress(blob[6:], CODECS[codec_id], shuffle))
+        raise _corrupt(f"its codec byte is {codec_id}, not one of the {len(CODECS)} known codecs ({', '.join(CODECS)})")
+    codec = CODECS[codec_id]
+    digest = bytes(blob[6:BODY_OFFSET])
+    try:
+        payload = decompress(bytes(blob[BODY_OFFSET:]), codec, shuffle)
+    except CODEC_ERRORS as exc:
+        raise _corrupt(f"its {codec} body does not decompress ({type(exc).__name__}: {exc})") from None
+    if hashlib.sha256(payload).digest() != digest:
+        raise _corrupt("the SHA-256 of its decompressed payload does not match the stored checksum")
+    return unpack(payload)
 
 
 @dataclass

@@ -139,10 +139,13 @@ def run(
     """Run the whole lifecycle: data, train, average, export, round trip, eval, report."""
 
     def body() -> dict[str, Any]:
-        from pgolf.lifecycle import init_distributed, run_recipe
+        from pgolf.host import run as run_recipe
         from pgolf.recipe import flag_overrides, load_recipe
+        from pgolf.registry import technique_problems
+        from pgolf.runtime import init_distributed
 
-        r = load_recipe(recipe, flag_overrides(data, tokenizer, seed, steps, set_), scale=scale)
+        r = load_recipe(recipe, flag_overrides(data, tokenizer, seed, steps, set_), scale=scale,
+                        technique_check=technique_problems)
         out_dir = out or default_out_dir(r.name, r.scale, r.seed)
         main_rank = init_distributed().is_main
         reporter = RichReporter(enabled=main_rank)
@@ -177,7 +180,7 @@ def eval_cmd(
     """Re-score a stored artifact (or a raw checkpoint) without retraining."""
 
     def body() -> dict[str, Any]:
-        from pgolf.evalonly import evaluate_target
+        from pgolf.host import evaluate_target
 
         extra = [w.strip() for w in with_.split(",") if w.strip()]
         result = evaluate_target(target, data=data, tokenizer=tokenizer, with_techniques=extra, recipe=recipe,
@@ -231,7 +234,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 def render_ablation(summary: dict[str, Any], fmt: str, plot: Path | None) -> None:
     """Print an ablation's table in the chosen format (stdout) and draw its plot."""
-    from pgolf import ablation_report as report
+    from pgolf.study import report
 
     if fmt not in report.FORMATS:
         raise PgolfError(f"unknown --format '{fmt}'", hint=f"Choose one of: {', '.join(report.FORMATS)}.")
@@ -270,7 +273,8 @@ def ablate(
     """Toggle techniques across seeds; train once per distinct model; Welch tests against the baseline arm."""
 
     def body() -> dict[str, Any]:
-        from pgolf.ablation import is_spec_file, load_spec, run_ablation, spec_from_flags, split_list
+        from pgolf.study.scheduler import run_ablation
+        from pgolf.study.spec import is_spec_file, load_spec, spec_from_flags, split_list
 
         flags = {"toggle": split_list(toggle), "seeds": _ints(seeds, "--seeds") if seeds else None,
                  "design": design, "baseline": baseline, "workers": workers, "out": str(out) if out else None,
@@ -298,7 +302,7 @@ def report(
     """Re-render an ablation's table from its stored results (runs nothing)."""
 
     def body() -> None:
-        from pgolf.ablation_report import load_summary
+        from pgolf.study.report import load_summary
 
         render_ablation(load_summary(directory), fmt, plot)
 
@@ -318,7 +322,7 @@ def stats_cmd(
     """Compare two sets of per-seed scores by the leaderboard's one-sided Welch test and the written rule."""
 
     def body() -> None:
-        from pgolf import stats
+        from pgolf.study import stats
 
         new_scores, old_scores = _floats(new, "--new"), _floats(old, "--old")
         if len(new_scores) < 2 or len(old_scores) < 2:
@@ -364,8 +368,9 @@ def data_text(
     """Turn local text or JSONL into a tokenizer (the challenge's trainer settings) and train/val shards."""
 
     def body() -> None:
+        from pgolf.data.textdata import build_dataset, read_documents, split_train_val
         from pgolf.errors import ConfigError
-        from pgolf.textdata import build_dataset, read_documents, split_train_val, transform_by_name
+        from pgolf.registry import transform_by_name
 
         nonlocal transform
         if casefold:
@@ -394,7 +399,7 @@ def data_fineweb(
     """Fetch the challenge's cached FineWeb shards and tokenizer (checked, resumable)."""
 
     def body() -> None:
-        from pgolf.fineweb import dataset_name, fetch_fineweb, source_for
+        from pgolf.data.fineweb import dataset_name, fetch_fineweb, source_for
 
         target = out or Path("data") / dataset_name(variant)
         source = source_for(repo_id, local_repo, revision)

@@ -15,12 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from torch import nn
 
-from pgolf.context import RunContext
-from pgolf.data import DataLedger, Dataset
-from pgolf.evaluate import TokenScores, evaluate_stream
-from pgolf.shards import document_starts
+from pgolf.data.dataset import DataLedger, Dataset
+from pgolf.data.shards import document_starts
+from pgolf.scores import TokenScores
 
 CHALLENGE_TRAIN_SECONDS = 600.0
 NORMALIZATION_TOL = 1e-6
@@ -45,7 +43,7 @@ def normalization(scores: TokenScores, tol: float = NORMALIZATION_TOL) -> dict[s
     """At each probed position the final distribution sums to 1 over the vocabulary, and the
     reported NLL is that distribution's value at the target."""
     if not scores.probes:
-        return audit(False, "no probe distributions were recorded; the scorer must fill ctx.audit_positions")
+        return audit(False, "no probe distributions were recorded; the scorer must fill scores.probe_at")
     worst_sum, worst_gap = 0.0, 0.0
     for pos, logp in scores.probes.items():
         total = float(np.exp(logp - logp.max()).sum() * math.exp(logp.max()))
@@ -67,41 +65,37 @@ def exactly_once(scores: TokenScores) -> dict[str, Any]:
 
 
 def causality(
-    model_factory: Callable[[], nn.Module],
+    score: Callable[[np.ndarray, np.ndarray], TokenScores],
     tokens: np.ndarray,
     byte_counts: np.ndarray,
-    ctx: RunContext,
+    vocab_size: int,
+    seed: int,
     segment: int,
     cuts: int = 2,
 ) -> dict[str, Any]:
     """Changing tokens after position t must not change any score at or before t.
 
-    Runs the whole eval pipeline (windows, scorer, transforms) on a prefix of the stream once
-    as is and once per sampled cut t with every token after t replaced at random, each time on
-    a fresh copy of the model (so test-time training starts from the same weights).
+    `score(tokens, bytes)` runs the whole eval pipeline (windows, scorer, transforms) on a
+    fresh copy of the model (so test-time training starts from the same weights). It runs on a
+    prefix of the stream once as is and once per sampled cut t with every token after t
+    replaced at random.
     """
     segment = min(segment, tokens.shape[0])
     seg_tokens = np.array(tokens[:segment])
     seg_bytes = np.array(byte_counts[:segment])
-    rng = np.random.default_rng(ctx.recipe.seed + 17)
-    vocab = ctx.recipe.model.vocab_size
-    saved = ctx.audit_positions
-    ctx.audit_positions = []
+    rng = np.random.default_rng(seed + 17)
     checks = []
-    try:
-        base = evaluate_stream(model_factory(), seg_tokens, seg_bytes, ctx)
-        lo, hi = segment // 4, max(segment // 4 + 1, 3 * segment // 4)
-        for t in sorted(int(x) for x in rng.choice(np.arange(lo, hi), size=min(cuts, hi - lo), replace=False)):
-            perturbed = seg_tokens.copy()
-            perturbed[t + 1 :] = (perturbed[t + 1 :] + rng.integers(1, vocab, size=segment - t - 1)) % vocab
-            other = evaluate_stream(model_factory(), perturbed, seg_bytes, ctx)
-            mask = base.scored[: t + 1] & other.scored[: t + 1]
-            diff = float(np.abs(base.nll[: t + 1][mask] - other.nll[: t + 1][mask]).max()) if mask.any() else 0.0
-            after = float(np.abs(base.nll[t + 1 :] - other.nll[t + 1 :]).max()) if segment > t + 1 else 0.0
-            checks.append({"cut": t, "compared_positions": int(mask.sum()), "max_change_at_or_before_cut": diff,
-                           "max_change_after_cut": after})
-    finally:
-        ctx.audit_positions = saved
+    base = score(seg_tokens, seg_bytes)
+    lo, hi = segment // 4, max(segment // 4 + 1, 3 * segment // 4)
+    for t in sorted(int(x) for x in rng.choice(np.arange(lo, hi), size=min(cuts, hi - lo), replace=False)):
+        perturbed = seg_tokens.copy()
+        perturbed[t + 1 :] = (perturbed[t + 1 :] + rng.integers(1, vocab_size, size=segment - t - 1)) % vocab_size
+        other = score(perturbed, seg_bytes)
+        mask = base.scored[: t + 1] & other.scored[: t + 1]
+        diff = float(np.abs(base.nll[: t + 1][mask] - other.nll[: t + 1][mask]).max()) if mask.any() else 0.0
+        after = float(np.abs(base.nll[t + 1 :] - other.nll[t + 1 :]).max()) if segment > t + 1 else 0.0
+        checks.append({"cut": t, "compared_positions": int(mask.sum()), "max_change_at_or_before_cut": diff,
+                       "max_change_after_cut": after})
     passed = bool(checks) and all(c["max_change_at_or_before_cut"] <= 1e-6 and c["compared_positions"] for c in checks)
     return audit(passed, {"segment_tokens": segment, "cuts": checks})
 

@@ -7,13 +7,14 @@ nearest valid name.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from pgolf.errors import ConfigError, suggest
+from pgolf.errors import ConfigError, PgolfError, raise_collected, suggest
 
 
 @dataclass
@@ -80,7 +81,13 @@ def coerce(value: Any, tp: Any, key: str, prov: Provenance) -> Any:
         if not isinstance(value, (list, tuple)):
             raise prov.error(key, f"expected {describe_type(tp)}, got {value!r}")
         (item_tp, *_) = get_args(tp) or (Any,)
-        items = [coerce(v, item_tp, f"{key}[{i}]", prov) for i, v in enumerate(value)]
+        items, errors = [], []
+        for i, v in enumerate(value):
+            try:
+                items.append(coerce(v, item_tp, f"{key}[{i}]", prov))
+            except ConfigError as exc:  # report every bad item, not just the first
+                errors.append(exc)
+        raise_collected(errors)
         return tuple(items) if origin is tuple else items
     if origin in (dict, Mapping):
         if not isinstance(value, dict):
@@ -115,7 +122,12 @@ def coerce(value: Any, tp: Any, key: str, prov: Provenance) -> Any:
 
 
 def build_dataclass(cls: type, data: Any, prefix: str, prov: Provenance) -> Any:
-    """Build `cls` from a mapping, rejecting unknown keys with a suggestion."""
+    """Build `cls` from a mapping, rejecting unknown keys with a suggestion.
+
+    Every problem in the section is collected (unknown keys, wrongly typed values, nested
+    sections, failed `validate()` checks) and raised together: one problem as itself, several
+    as a `ConfigErrors` that lists each with its file, line and key.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -123,23 +135,42 @@ def build_dataclass(cls: type, data: Any, prefix: str, prov: Provenance) -> Any:
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
+    errors: list[PgolfError] = []
+    bad_values = False
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
             hint = suggest(str(key), names) or f"Valid keys: {', '.join(names)}."
-            raise prov.error(dotted, f"unknown key '{key}'", hint)
-        kwargs[key] = coerce(value, hints[key], dotted, prov)
+            errors.append(prov.error(dotted, f"unknown key '{key}'", hint))
+            continue
+        try:
+            kwargs[key] = coerce(value, hints[key], dotted, prov)
+        except ConfigError as exc:
+            errors.append(exc)
+            bad_values = True
+    obj, missing = None, None
     try:
         obj = cls(**kwargs)
     except TypeError as exc:  # a required field is missing
-        raise prov.error(prefix or "(top level)", str(exc)) from None
+        missing = str(exc)
+    if missing is not None and not bad_values:  # (a field that failed its type check is already reported)
+        errors.append(prov.error(prefix or "(top level)", missing))
     check = getattr(obj, "validate", None)
-    if callable(check):
-        problem = check()
-        if problem:
-            key, message = problem
-            raise prov.error(f"{prefix}.{key}" if prefix else key, message)
+    if obj is not None and callable(check) and not bad_values:  # defaults standing in for bad values would mislead
+        for key, message in validation_problems(check()):
+            errors.append(prov.error(f"{prefix}.{key}" if prefix else key, message))
+    raise_collected(errors)
     return obj
+
+
+def validation_problems(result: Any) -> list[tuple[str, str]]:
+    """A `validate()` result as a list of (key, message): it may return a list of them, one
+    (key, message) tuple (the older form, still accepted from plugins) or None."""
+    if not result:
+        return []
+    if isinstance(result, tuple) and len(result) == 2 and all(isinstance(x, str) for x in result):
+        return [result]
+    return [tuple(p) for p in result]  # type: ignore[misc]
 
 
 def to_plain(obj: Any) -> Any:
@@ -153,15 +184,51 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
 __all__ = [
     "Provenance",
     "build_dataclass",
     "coerce",
     "describe_type",
-    "field_names",
+    "freeze",
+    "thawed_copy",
     "to_plain",
+    "validation_problems",
 ]
+
+
+_FROZEN: dict[type, type] = {}
+
+
+def _frozen_class(cls: type) -> type:
+    """A subclass of `cls` whose instances refuse attribute writes (isinstance still holds)."""
+    if cls not in _FROZEN:
+        def refuse(self: Any, name: str, value: Any) -> None:
+            raise dataclasses.FrozenInstanceError(
+                f"cannot set {cls.__name__}.{name}: the recipe is read-only once techniques have configured it "
+                "(change it in pgolf_configure)")
+
+        _FROZEN[cls] = type(cls.__name__, (cls,), {"__setattr__": refuse, "__delattr__": refuse,
+                                                   "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _FROZEN[cls]
+
+
+def freeze(obj: Any) -> None:
+    """Make a dataclass tree read-only in place (the recipe after configure)."""
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return
+    for f in dataclasses.fields(obj):
+        freeze(getattr(obj, f.name))
+    if type(obj) not in _FROZEN.values():
+        obj.__class__ = _frozen_class(type(obj))
+
+
+def thawed_copy(obj: Any) -> Any:
+    """A deep copy that can be written again (a frozen recipe reused by a new session)."""
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return copy.deepcopy(obj)
+    cls = type(obj)
+    base = cls.__bases__[0] if cls in _FROZEN.values() else cls
+    new = base.__new__(base)
+    for name, value in vars(obj).items():
+        object.__setattr__(new, name, thawed_copy(value))
+    return new

@@ -12,19 +12,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from pgolf.api import hookimpl
 from pgolf.context import RunContext
-from pgolf.evaluate import EvalWindows, WindowScorer, plain_windows
-from pgolf.hookspecs import hookimpl
 from pgolf.model import build_model
 from pgolf.optim import build_optimizers
 from pgolf.quant import QuantizedTensor, QuantSpec, quantize_rtn
+from pgolf.scores import EvalWindows, WindowScorer, plain_windows
 
 
 class HostDefaults:
     @hookimpl(trylast=True)
     def pgolf_provide_model(self, ctx: RunContext) -> nn.Module:
-        bos = ctx.data.bos_id if ctx.data is not None else 1
-        return build_model(ctx.recipe.model, bos_id=bos)
+        return build_model(ctx.recipe.model, bos_id=ctx.data.bos_id)
 
     @hookimpl(trylast=True)
     def pgolf_provide_optimizers(self, model: nn.Module, ctx: RunContext) -> list[Any]:

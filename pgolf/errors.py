@@ -46,6 +46,52 @@ class ConfigError(PgolfError):
     """A recipe or override is wrong."""
 
 
+class ConfigErrors(ConfigError):
+    """Several user-fixable problems found in one pass, reported together.
+
+    Renders a first line with the count, then each problem as its own numbered line in the
+    single-error format (file, line, key, what was expected, the suggestion). `errors` keeps
+    the individual errors, so callers and tests can inspect each one.
+    """
+
+    def __init__(self, errors: Iterable[PgolfError]) -> None:
+        self.errors = flatten_errors(errors)
+        first = self.errors[0] if self.errors else None
+        super().__init__(
+            f"{len(self.errors)} problems found",
+            file=first.file if first else None,
+            line=first.line if first else None,
+            key=first.key if first else None,
+        )
+
+    def render(self) -> str:
+        items = [f"  {i}. {e.render()}" for i, e in enumerate(self.errors, 1)]
+        return "\n".join([f"{len(self.errors)} problems found:", *items])
+
+
+def flatten_errors(errors: Iterable[PgolfError]) -> list[PgolfError]:
+    """Expand aggregates into their single errors, dropping exact repeats, in order."""
+    out: list[PgolfError] = []
+    seen: set[str] = set()
+    for e in errors:
+        for single in e.errors if isinstance(e, ConfigErrors) else [e]:
+            text = single.render()
+            if text not in seen:
+                seen.add(text)
+                out.append(single)
+    return out
+
+
+def raise_collected(errors: Iterable[PgolfError]) -> None:
+    """Raise nothing for no problems, the error itself for one (rendered exactly as a lone
+    error, type kept), and a `ConfigErrors` listing them all for several."""
+    flat = flatten_errors(errors)
+    if len(flat) == 1:
+        raise flat[0]
+    if flat:
+        raise ConfigErrors(flat)
+
+
 class DataError(PgolfError):
     """Shards, tokenizer or text inputs are missing or corrupt."""
 

@@ -1,7 +1,7 @@
-"""The pgolf lifecycle: one linear host program, with pluggy hooks at its seams.
+"""The hook contracts: what each seam of the host program (`pgolf.host`) offers a technique.
 
-Every technique is a pluggy plugin that implements some of the hooks below. The host
-(`pgolf.lifecycle`) calls them in this order; the host's own defaults are ordinary plugins
+Every technique is a pluggy plugin that implements some of the hooks below. Only the host
+program calls them, in this order; the host's own defaults are ordinary plugins
 registered with ``trylast=True`` (`pgolf.defaults`), so a technique overrides a default by
 returning a value, and the baseline is simply "no techniques enabled"::
 
@@ -29,71 +29,97 @@ returning a value, and the baseline is simply "no techniques enabled"::
     pgolf_on_train_end(model, ctx)                       # averaging swaps in (EMA / SWA)
     host: pre-quantization eval -> checkpoint            (cache key 1)
     # export -------------------------------------------------------------------------
-    pgolf_on_export_start(model, ctx)                    # calibration (GPTQ Hessians), charged to
-                                                         # the training budget via the reserve
-        w = pgolf_contribute_calibration_weights(input_ids, ctx)   # called by gptq per batch:
-                                                         # per-position Hessian row weights
+    pgolf_on_export_start(model, ctx)                    # calibration, charged to the training
+                                                         # budget via the reserve
+      ctx.services.calibration_hessians()                # on first use (gptq, sdclip), the host:
+        batches = pgolf_provide_calibration_batches(model, ctx)    # gptq: training or self-generated
+        w = pgolf_contribute_calibration_weights(input_ids, ctx)   # per batch: Hessian row weights
     for name, tensor in state_dict:
         spec = host default QuantSpec
         pgolf_on_quant_spec(name, tensor, spec, ctx)     # bits, clip, row split (ordered)
         q = pgolf_quantize_tensor(name, tensor, spec, ctx)   # RTN by default, GPTQ overrides
     host: container -> codec -> artifact; bytes = code + compressed weights   (cache key 2)
     # roundtrip ----------------------------------------------------------------------
-    host: decode the artifact into a fresh model (pgolf_provide_model + pgolf_on_model_built)
+    host: verify and decode the artifact into a fresh model (provide_model + on_model_built)
     pgolf_on_artifact_loaded(model, ctx)                 # re-activate structure (looping on)
     # eval ---------------------------------------------------------------------------
     windows = pgolf_provide_eval_windows(ctx, num_tokens)    # non-overlapping; sliding window
-    scores = pgolf_provide_scorer(ctx)(model, val, windows)  # per-token NLL stream; TTT scores first
+    scorer = pgolf_provide_scorer(ctx)                    # the frozen model; TTT scores first
+    scorer(model, scores, scorer.windows_for(windows), ctx)  # per-token NLL stream (see Scorer)
     pgolf_on_scores(scores, ctx)                          # PPM mixing, ordered
     host: BPB from true bytes, validity audits           (cache key 3)
     # report -------------------------------------------------------------------------
     metrics = pgolf_contribute_metrics(ctx)
-    pgolf_on_run_end(ctx, result)
 
 Naming carries the contract: ``pgolf_provide_*`` returns the one object (firstresult; two
 enabled techniques providing the same object is an error caught before the run),
 ``pgolf_contribute_*`` returns items that are collected, ``pgolf_on_*`` notifies and may mutate
-what it is given, in the order the registry resolved. No hook runs inside compiled
-forward/backward code: a technique that changes the math does so at build time.
+what it is given, in the order the registry resolved; ``pgolf_quantize_tensor`` is the one
+firstresult hook outside ``provide_*`` (the first technique that quantizes a tensor wins, and
+returning None passes it on). No hook runs inside compiled forward/backward code: a technique
+that changes the math does so at build time.
+
+Each spec carries the stage whose output it changes (`HOOK_STAGES`): ``configure`` and
+``report`` hooks change no stage output. The registry uses the tags twice: a technique must not
+implement a non-``contribute`` hook of a stage earlier than the one it declares (an ablation would
+reuse outputs made without it), and a technique has acted in a run only if a hook of its declared
+stage or a later one fired, or its ``pgolf_configure`` changed the recipe.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import pluggy
+import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
+from pgolf.api import (
+    PROJECT,
+    EvalWindows,
+    QuantizedTensor,
+    QuantSpec,
+    RunContext,
+    Scorer,
+    TextTransform,
+    TokenScores,
+    WarmupPhase,
+)
 
-    from pgolf.context import RunContext
-    from pgolf.evaluate import EvalWindows, Scorer, TokenScores
-    from pgolf.quant import QuantizedTensor, QuantSpec
-    from pgolf.textdata import TextTransform
-    from pgolf.train import WarmupPhase
+HookStage = Literal["configure", "train", "export", "eval", "report"]
+_marker = pluggy.HookspecMarker(PROJECT)
+HOOK_STAGES: dict[str, HookStage] = {}
 
-PROJECT = "pgolf"
-hookspec = pluggy.HookspecMarker(PROJECT)
-hookimpl = pluggy.HookimplMarker(PROJECT)
+
+def hookspec(stage: HookStage, **options: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare a hook and the stage whose output it changes."""
+
+    def mark(fn: Callable[..., Any]) -> Callable[..., Any]:
+        HOOK_STAGES[fn.__name__] = stage
+        return _marker(**options)(fn)
+
+    return mark
 
 
 # --- configure ---------------------------------------------------------------------------
 
 
-@hookspec
+@hookspec("configure")
 def pgolf_configure(ctx: RunContext) -> None:
     """Adjust the recipe before anything is built.
 
     Runs first, in resolved technique order. A technique may set model, training or export
-    options from its own config (for example XSA sets ``ctx.recipe.model.xsa_last_n``).
+    options from its own config (for example XSA sets ``ctx.recipe.model.xsa_last_n``); a
+    configure that changes the recipe counts as the technique having acted. Afterwards the recipe
+    is frozen: the cache keys are computed from it, so no later hook may change it.
 
     Used by: the architecture and optimizer techniques (leaky_relu, xsa, partial_rope,
     parallel_residuals, smear_gate, muon_wd, muon_eq_r), codec.
     """
 
 
-@hookspec
+@hookspec("configure")
 def pgolf_contribute_config_errors(ctx: RunContext) -> list[str] | None:
     """Return problems with the configured run that declarative conflicts cannot express.
 
@@ -106,7 +132,7 @@ def pgolf_contribute_config_errors(ctx: RunContext) -> list[str] | None:
 # --- data --------------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
+@hookspec("train", firstresult=True)
 def pgolf_provide_text_transform(ctx: RunContext) -> TextTransform | None:
     """Return a text transform applied to every document before tokenizing.
 
@@ -119,7 +145,7 @@ def pgolf_provide_text_transform(ctx: RunContext) -> TextTransform | None:
 # --- build -------------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
+@hookspec("train", firstresult=True)
 def pgolf_provide_model(ctx: RunContext) -> nn.Module | None:
     """Return a freshly initialised model (the host default is the challenge's GPT).
 
@@ -127,7 +153,7 @@ def pgolf_provide_model(ctx: RunContext) -> nn.Module | None:
     """
 
 
-@hookspec
+@hookspec("train")
 def pgolf_on_model_built(model: nn.Module, ctx: RunContext) -> None:
     """Change the model's structure in place before optimizers and compilation.
 
@@ -136,7 +162,7 @@ def pgolf_on_model_built(model: nn.Module, ctx: RunContext) -> None:
     """
 
 
-@hookspec
+@hookspec("train")
 def pgolf_contribute_loss_weights(ctx: RunContext) -> torch.Tensor | None:
     """Return per-token training loss weights of shape [vocab_size] (multiplied together).
 
@@ -145,7 +171,7 @@ def pgolf_contribute_loss_weights(ctx: RunContext) -> torch.Tensor | None:
     """
 
 
-@hookspec(firstresult=True)
+@hookspec("train", firstresult=True)
 def pgolf_provide_optimizers(model: nn.Module, ctx: RunContext) -> list[Any] | None:
     """Return the optimizers (host default: Muon for block matrices, Adam for the rest).
 
@@ -153,7 +179,7 @@ def pgolf_provide_optimizers(model: nn.Module, ctx: RunContext) -> list[Any] | N
     """
 
 
-@hookspec
+@hookspec("train")
 def pgolf_contribute_train_reserve_seconds(ctx: RunContext) -> float | None:
     """Return seconds to take off the training wallclock for work charged to training time.
 
@@ -165,7 +191,7 @@ def pgolf_contribute_train_reserve_seconds(ctx: RunContext) -> float | None:
 # --- train -------------------------------------------------------------------------------
 
 
-@hookspec
+@hookspec("train")
 def pgolf_contribute_warmup_phases(model: nn.Module, ctx: RunContext) -> list[WarmupPhase] | None:
     """Return extra warmup phases so every graph variant is compiled before timing starts.
 
@@ -174,28 +200,28 @@ def pgolf_contribute_warmup_phases(model: nn.Module, ctx: RunContext) -> list[Wa
     """
 
 
-@hookspec
+@hookspec("train")
 def pgolf_on_train_start(model: nn.Module, ctx: RunContext) -> None:
     """Training is about to start (after warmup and restore). Used by: ema (shadow init)."""
 
 
-@hookspec
+@hookspec("train")
 def pgolf_on_step_start(model: nn.Module, ctx: RunContext) -> None:
-    """Before each training step; ``ctx.step`` and ``ctx.frac`` (elapsed fraction) are set.
+    """Before each training step; ``ctx.clock.step`` and ``ctx.clock.frac`` (elapsed fraction) are set.
 
     Used by: recurrence (turns looping on at a fraction of the wallclock).
     """
 
 
-@hookspec
+@hookspec("train")
 def pgolf_on_step_end(model: nn.Module, ctx: RunContext) -> None:
-    """After each optimizer step; ``ctx.lr_scale`` holds the warmdown multiplier used.
+    """After each optimizer step; ``ctx.clock.lr_scale`` holds the warmdown multiplier used.
 
     Used by: ema (EMA / SWA update).
     """
 
 
-@hookspec
+@hookspec("train")
 def pgolf_on_train_end(model: nn.Module, ctx: RunContext) -> None:
     """Training finished: swap averaged weights into ``model`` before the checkpoint is saved.
 
@@ -207,7 +233,7 @@ def pgolf_on_train_end(model: nn.Module, ctx: RunContext) -> None:
 # --- export ------------------------------------------------------------------------------
 
 
-@hookspec
+@hookspec("export")
 def pgolf_on_export_start(model: nn.Module, ctx: RunContext) -> None:
     """Collect calibration statistics from the trained (averaged) weights before quantizing.
 
@@ -219,18 +245,30 @@ def pgolf_on_export_start(model: nn.Module, ctx: RunContext) -> None:
     """
 
 
-@hookspec
+@hookspec("export")
 def pgolf_contribute_calibration_weights(input_ids: torch.Tensor, ctx: RunContext) -> torch.Tensor | None:
     """Return per-position weights, shaped like ``input_ids`` [batch, seq], for one calibration batch.
 
-    Called by the technique that collects GPTQ Hessians (not by the host), once per calibration
-    batch: every input row X_t of every quantized layer enters ``H += w_t * X_t^T X_t``, so a
-    weight of 2 counts that position twice. Contributions are multiplied together.
-    Called by: gptq. Used by: freq_weighting (mode: hessian).
+    Called by the host while it collects the calibration Hessians (`ctx.services`), once per
+    calibration batch: every input row X_t of every quantized layer enters ``H += w_t * X_t^T X_t``,
+    so a weight of 2 counts that position twice. Contributions are multiplied together.
+    Used by: freq_weighting (mode: hessian).
     """
 
 
-@hookspec
+@hookspec("export", firstresult=True)
+def pgolf_provide_calibration_batches(model: nn.Module, ctx: RunContext) -> list[torch.Tensor] | None:
+    """Return the input-id batches [batch, seq] the calibration Hessians are collected on.
+
+    Called by the host once per export, the first time a technique asks for
+    ``ctx.services.calibration_hessians()``. Training data read here (``ctx.data.train_batches``)
+    is legal only inside the training budget: call for the Hessians in ``pgolf_on_export_start``,
+    which the host charges to training, and declare a reserve. With no provider, asking for the
+    Hessians is an error. Used by: gptq (training shards, or text the model generates itself).
+    """
+
+
+@hookspec("export")
 def pgolf_on_quant_spec(name: str, tensor: torch.Tensor, spec: QuantSpec, ctx: RunContext) -> None:
     """Adjust one tensor's quantization spec in place (bits, clip, row groups).
 
@@ -239,7 +277,7 @@ def pgolf_on_quant_spec(name: str, tensor: torch.Tensor, spec: QuantSpec, ctx: R
     """
 
 
-@hookspec(firstresult=True)
+@hookspec("export", firstresult=True)
 def pgolf_quantize_tensor(name: str, tensor: torch.Tensor, spec: QuantSpec, ctx: RunContext) -> QuantizedTensor | None:
     """Quantize one tensor by its spec (host default: round to nearest). Used by: gptq."""
 
@@ -247,21 +285,21 @@ def pgolf_quantize_tensor(name: str, tensor: torch.Tensor, spec: QuantSpec, ctx:
 # --- roundtrip ---------------------------------------------------------------------------
 
 
-@hookspec
+@hookspec("eval")
 def pgolf_on_artifact_loaded(model: nn.Module, ctx: RunContext) -> None:
-    """Trained weights were loaded into a fresh ``model`` (a decoded artifact, or a saved checkpoint
-    that `pgolf eval` re-exports); re-activate eval-time structure.
+    """Trained weights were loaded into a fresh ``model``; re-activate what a state dict does not hold.
 
-    Also called, for train-stage techniques only, when the ablation runner loads a cached
-    checkpoint before export: the model must then be as training left it. Used by: recurrence
-    (looping is always on at evaluation).
+    Called on a decoded artifact before evaluation, and, for train-stage techniques only, on a
+    stored checkpoint before it is exported (an ablation's cached checkpoint, or a raw
+    ``final_model.pt`` that `pgolf eval` exports first): the model must then be as training left
+    it. Used by: recurrence (looping is always on after training).
     """
 
 
 # --- eval --------------------------------------------------------------------------------
 
 
-@hookspec(firstresult=True)
+@hookspec("eval", firstresult=True)
 def pgolf_provide_eval_windows(ctx: RunContext, num_tokens: int) -> EvalWindows | None:
     """Return the windows that score the validation stream (each target exactly once).
 
@@ -269,16 +307,18 @@ def pgolf_provide_eval_windows(ctx: RunContext, num_tokens: int) -> EvalWindows 
     """
 
 
-@hookspec(firstresult=True)
+@hookspec("eval", firstresult=True)
 def pgolf_provide_scorer(ctx: RunContext) -> Scorer | None:
     """Return the scorer that turns (model, validation data, windows) into per-token NLL.
 
-    Host default: score every window with the frozen model. Used by: ttt (score a chunk
-    completely, then adapt on it, recording every update for the score-before-update audit).
+    Host default: score every window with the frozen model. A scorer has duties the audits check
+    (probes at ``scores.probe_at``, a tick per scoring, ``record_update`` before every adaptation
+    step, this rank's share only, ``windows_for`` when it scores other windows): see
+    `pgolf.api.Scorer`. Used by: ttt (score a chunk completely, then adapt on it).
     """
 
 
-@hookspec
+@hookspec("eval")
 def pgolf_on_scores(scores: TokenScores, ctx: RunContext) -> None:
     """Transform the per-token NLL stream in place (and its audit probes), in resolved order.
 
@@ -290,11 +330,6 @@ def pgolf_on_scores(scores: TokenScores, ctx: RunContext) -> None:
 # --- report ------------------------------------------------------------------------------
 
 
-@hookspec
+@hookspec("report")
 def pgolf_contribute_metrics(ctx: RunContext) -> dict[str, Any] | None:
     """Return extra metrics for result.json (collected). Used by: ttt, ppm, gptq, sdclip."""
-
-
-@hookspec
-def pgolf_on_run_end(ctx: RunContext, result: dict[str, Any]) -> None:
-    """The run's result is final; observers may read it (writers, loggers)."""

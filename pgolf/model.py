@@ -14,11 +14,13 @@ repeated pass that shares a block's attention but owns its MLP. Hooks never run 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pgolf.errors import DataError
 from pgolf.recipe import ModelConfig
 
 CONTROL_TENSOR_NAME_PATTERNS = (
@@ -347,5 +349,19 @@ def prepare_for_device(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def model_fields_from_state(state: dict[str, Tensor]) -> dict[str, Any]:
+    """ModelConfig fields from a challenge-style state dict (tok_emb, blocks.{i}.attn.c_q, ...)."""
+    try:
+        vocab, dim = state["tok_emb.weight"].shape
+        layers = len({k.split(".")[1] for k in state if k.startswith("blocks.") and k.endswith(".attn.c_q.weight")})
+        heads = int(state["blocks.0.attn.q_gain"].shape[0])
+        head_dim = dim // heads
+        kv_heads = int(state["blocks.0.attn.c_k.weight"].shape[0]) // head_dim
+        hidden = int(state["blocks.0.mlp.fc.weight"].shape[0])
+    except (KeyError, IndexError) as exc:
+        raise DataError(f"the checkpoint does not look like the challenge's GPT (missing {exc})",
+                        hint="pgolf eval reads state dicts saved by train_gpt.py or by pgolf.") from None
+    return {"vocab_size": int(vocab), "model_dim": int(dim), "num_layers": layers, "num_heads": heads,
+            "num_kv_heads": kv_heads, "mlp_mult": hidden / dim, "tie_embeddings": "lm_head.weight" not in state,
+            "smear_gate": any(k.startswith("smear.") for k in state)}
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,8 +18,9 @@ from typing import Any, Literal
 import yaml
 
 from pgolf.config import Provenance, build_dataclass, to_plain
-from pgolf.errors import ConfigError, suggest
+from pgolf.errors import ConfigError, PgolfError, raise_collected, suggest
 
+TechniqueCheck = Callable[[dict[str, Any], Provenance], list[PgolfError]]  # the registry's, passed in
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SCALES_DIR = RECIPES_DIR / "scales"
 
@@ -57,20 +59,28 @@ class ModelConfig:
     smear_gate: bool = False  # SmearGate (previous-token mix) at the input
     smear_bos_fix: bool = True  # never smear across a BOS (the record fix for cross-document leak)
 
-    def validate(self) -> tuple[str, str] | None:
-        if self.model_dim % self.num_heads:
-            return "num_heads", f"model_dim {self.model_dim} is not divisible by num_heads {self.num_heads}"
-        if self.num_heads % self.num_kv_heads:
-            return "num_kv_heads", f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}"
-        if (self.model_dim // self.num_heads) % 2:
-            return "num_heads", "head_dim (model_dim / num_heads) must be even for RoPE"
-        if self.rope_dims % 2 or self.rope_dims > self.model_dim // self.num_heads:
-            return "rope_dims", "rope_dims must be even and at most the head dimension (0 = all)"
+    def validate(self) -> list[tuple[str, str]]:
+        """Every (key, message) problem, not just the first."""
+        problems: list[tuple[str, str]] = []
+        if self.num_heads <= 0:
+            problems.append(("num_heads", "num_heads must be positive"))
+        if self.num_kv_heads <= 0:
+            problems.append(("num_kv_heads", "num_kv_heads must be positive"))
+        if self.num_heads > 0:
+            if self.model_dim % self.num_heads:
+                problems.append(("num_heads", f"model_dim {self.model_dim} is not divisible by num_heads {self.num_heads}"))
+            elif (self.model_dim // self.num_heads) % 2:
+                problems.append(("num_heads", "head_dim (model_dim / num_heads) must be even for RoPE"))
+            if self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads:
+                problems.append(("num_kv_heads",
+                                 f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}"))
+            if self.rope_dims % 2 or self.rope_dims > self.model_dim // self.num_heads:
+                problems.append(("rope_dims", "rope_dims must be even and at most the head dimension (0 = all)"))
         if self.logit_softcap <= 0:
-            return "logit_softcap", "logit_softcap must be positive"
+            problems.append(("logit_softcap", "logit_softcap must be positive"))
         if self.vocab_size > 65536:
-            return "vocab_size", "the challenge shard format stores uint16 tokens: vocab_size must be <= 65536"
-        return None
+            problems.append(("vocab_size", "the challenge shard format stores uint16 tokens: vocab_size must be <= 65536"))
+        return problems
 
 
 @dataclass
@@ -87,18 +97,19 @@ class TrainConfig:
     max_wallclock_seconds: float = 600.0  # 0 = no cap (step-matched runs)
     grad_accum_steps: int | None = None  # None = 8 // world_size, as the challenge script
     grad_clip_norm: float = 0.0
-    val_loss_every: int = 0
     log_every: int = 200
     compile: Literal["auto", "on", "off"] = "auto"  # auto = torch.compile on CUDA only
 
-    def validate(self) -> tuple[str, str] | None:
+    def validate(self) -> list[tuple[str, str]]:
+        """Every (key, message) problem, not just the first."""
+        problems: list[tuple[str, str]] = []
         if self.seq_len <= 0 or self.batch_tokens <= 0:
-            return "seq_len", "seq_len and batch_tokens must be positive"
-        if self.batch_tokens % self.seq_len:
-            return "batch_tokens", f"batch_tokens {self.batch_tokens} is not a multiple of seq_len {self.seq_len}"
+            problems.append(("seq_len", "seq_len and batch_tokens must be positive"))
+        elif self.batch_tokens % self.seq_len:
+            problems.append(("batch_tokens", f"batch_tokens {self.batch_tokens} is not a multiple of seq_len {self.seq_len}"))
         if self.warmdown_frac is not None and not 0.0 <= self.warmdown_frac <= 1.0:
-            return "warmdown_frac", "warmdown_frac must lie in [0, 1]"
-        return None
+            problems.append(("warmdown_frac", "warmdown_frac must lie in [0, 1]"))
+        return problems
 
 
 @dataclass
@@ -225,21 +236,30 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict]:
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = (),
+                     errors: list[PgolfError] | None = None) -> tuple[dict[str, Any], dict]:
+    """Read `path` and its bases. Unknown top-level keys are dropped and appended to `errors`
+    (raised at once when no list is given) so the rest of the recipe is still checked."""
     path = path.resolve()
     if path in seen:
         chain = " -> ".join(p.name for p in (*seen, path))
         raise ConfigError(f"recipe inheritance cycle: {chain}", file=str(path), key="base")
     data, lines = read_yaml(path)
     unknown = [k for k in data if k not in TOP_LEVEL]
+    found: list[PgolfError] = []
     for key in unknown:
-        raise ConfigError(
+        found.append(ConfigError(
             f"unknown top-level key '{key}'",
             file=str(path),
             line=lines.get(key, (None, None))[1],
             key=key,
             hint=suggest(key, TOP_LEVEL) or f"Valid keys: {', '.join(TOP_LEVEL)}.",
-        )
+        ))
+        del data[key]
+    if errors is None:
+        raise_collected(found)
+    else:
+        errors.extend(found)
     base_name = data.pop("base", None)
     if base_name is None:
         return data, lines
@@ -256,7 +276,7 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str,
             key="base",
             hint=suggest(base_name, [p.name for p in path.parent.glob("*.yaml")]),
         )
-    base_data, base_lines = _load_with_bases(base_path, (*seen, path))
+    base_data, base_lines = _load_with_bases(base_path, (*seen, path), errors)
     return merge(base_data, data), {**base_lines, **lines}
 
 
@@ -345,41 +365,66 @@ def load_recipe(
     overrides: list[str] | tuple[str, ...] = (),
     scale: str | None = None,
     enable: list[str] | tuple[str, ...] = (),
+    technique_check: TechniqueCheck | None = None,
 ) -> Recipe:
     """Load a recipe file with its bases, an optional scale overlay and `key=value` overrides.
 
     `enable` names techniques to switch on with their default parameters where the recipe does
     not have them, before the scale overlay, so the overlay's adjustments reach them too (the
-    ablation runner's toggles).
+    ablation runner's toggles). `technique_check` (`pgolf.registry.technique_problems`) adds the
+    techniques' own problems to a failing recipe's, so one error lists them all.
     """
     path = Path(path)
-    data, lines = _load_with_bases(path)
+    errors: list[PgolfError] = []  # problems that don't stop loading: all are reported together
+    data, lines = _load_with_bases(path, errors=errors)
     if enable:
         techniques = data.get("techniques") or {}
         data["techniques"] = {**techniques, **{name: {} for name in enable if not techniques.get(name)}}
     if scale:
         data = apply_scale(data, lines, scale)
     for text in overrides:
-        key, value = parse_override(text)
-        apply_override(data, key, value)
+        try:
+            key, value = parse_override(text)
+            apply_override(data, key, value)
+        except ConfigError as exc:
+            errors.append(exc)
+            continue
         lines[key] = ("--set", None)
-    return recipe_from_dict(data, Provenance(lines, default_file=str(path)), default_name=path.stem)
+    return recipe_from_dict(data, Provenance(lines, default_file=str(path)), default_name=path.stem, errors=errors,
+                            technique_check=technique_check)
 
 
-def recipe_from_dict(data: dict[str, Any], prov: Provenance | None = None, default_name: str = "recipe") -> Recipe:
+def recipe_from_dict(data: dict[str, Any], prov: Provenance | None = None, default_name: str = "recipe",
+                     errors: list[PgolfError] | None = None, technique_check: TechniqueCheck | None = None) -> Recipe:
+    """Build a Recipe, reporting every problem at once (with `errors` found while loading).
+
+    Technique names and parameters are checked by `registry.resolve` when a run starts; when
+    the recipe has other problems and a `technique_check` is given they are checked here too.
+    """
     prov = prov or Provenance()
+    errors = list(errors or [])
     data = dict(data)
     data.pop("base", None)
     techniques = data.pop("techniques", None) or {}
     if not isinstance(techniques, dict):
-        raise prov.error("techniques", f"expected a mapping of technique name -> parameters, got {techniques!r}")
+        errors.append(prov.error("techniques", f"expected a mapping of technique name -> parameters, got {techniques!r}"))
+        techniques = {}
     techniques = {name: (params if params is not None else {}) for name, params in techniques.items() if params is not False}
-    for name, params in techniques.items():
+    for name, params in list(techniques.items()):
         if not isinstance(params, dict):
-            raise prov.error(f"techniques.{name}", f"expected a mapping of parameters, got {params!r}",
-                             hint="Write 'name: {}' to enable a technique with its default parameters.")
+            errors.append(prov.error(f"techniques.{name}", f"expected a mapping of parameters, got {params!r}",
+                                     hint="Write 'name: {}' to enable a technique with its default parameters."))
+            del techniques[name]
     data.setdefault("name", default_name)
-    recipe = build_dataclass(Recipe, data, "", prov)
+    recipe = None
+    try:
+        recipe = build_dataclass(Recipe, data, "", prov)
+    except ConfigError as exc:
+        errors.append(exc)
+    if errors:
+        errors.extend(technique_check(techniques, prov) if technique_check is not None else [])
+        raise_collected(errors)
+    assert recipe is not None
     recipe.techniques = techniques
     recipe.provenance = prov
     return recipe

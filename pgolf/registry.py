@@ -18,54 +18,22 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import pluggy
+import torch
 
 from pgolf import hookspecs
+from pgolf.api import PROJECT, STAGES, Stage, Technique
 from pgolf.config import Provenance, build_dataclass, to_plain
-from pgolf.errors import RegistryError, suggest
+from pgolf.context import RunContext
+from pgolf.data.textdata import TextTransform
+from pgolf.errors import DataError, PgolfError, RegistryError, suggest
+from pgolf.recipe import Recipe
 
 ENTRY_POINT_GROUP = "pgolf.techniques"
-Stage = Literal["train", "export", "eval"]
-STAGES: tuple[Stage, ...] = ("train", "export", "eval")
 HOST_PLUGIN = "host"
-
-
-@dataclass
-class NoConfig:
-    """For techniques without parameters."""
-
-
-class Technique:
-    """Base class for techniques: static metadata plus hook implementations.
-
-    Subclasses set the class attributes and implement ``pgolf_*`` methods (any method with
-    that prefix is a hook implementation; ``@hookimpl(...)`` adds options such as
-    ``wrapper=True``). ``stage`` is the earliest lifecycle stage the technique changes; it
-    decides which cached results an ablation may reuse when the technique is toggled.
-    """
-
-    name: ClassVar[str] = ""
-    summary: ClassVar[str] = ""
-    Config: ClassVar[type] = NoConfig
-    stage: ClassVar[Stage] = "train"
-    requires: ClassVar[tuple[str, ...]] = ()
-    conflicts: ClassVar[tuple[str, ...]] = ()
-    after: ClassVar[tuple[str, ...]] = ()
-    before: ClassVar[tuple[str, ...]] = ()
-    record: ClassVar[str] = ""  # the challenge record(s) it follows, for `pgolf plugins`
-
-    def __init__(self, config: Any = None) -> None:
-        self.config = config if config is not None else self.Config()
-
-    def stage_for(self) -> Stage:
-        """The stage this configured instance changes (override when it depends on config)."""
-        return self.stage
-
-    @classmethod
-    def hook_names(cls) -> list[str]:
-        return sorted(n for n, v in inspect.getmembers(cls) if n.startswith("pgolf_") and callable(v))
+CONFIGURE_HOOK = "pgolf_configure"
 
 
 # --- discovery -------------------------------------------------------------------------------
@@ -182,42 +150,59 @@ def firstresult_hooks() -> set[str]:
     return {
         name
         for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
-        if name.startswith("pgolf_") and getattr(fn, f"{hookspecs.PROJECT}_spec", {}).get("firstresult")
+        if name.startswith("pgolf_") and getattr(fn, f"{PROJECT}_spec", {}).get("firstresult")
     }
 
 
 def resolve(techniques: dict[str, Any], prov: Provenance | None = None) -> list[Enabled]:
-    """Validate every named technique's config and check requires/conflicts/providers/order."""
+    """Validate every named technique's config and check requires/conflicts/providers/order.
+
+    Every unknown technique, bad parameter, unmet requirement, conflict and doubly provided
+    hook is collected and raised together (one problem as itself, several as `ConfigErrors`).
+    """
+    from pgolf.errors import raise_collected
+
     prov = prov or Provenance()
+    errors: list[PgolfError] = []
     enabled: list[Enabled] = []
     for key, params in techniques.items():
-        cls = load_technique_class(key, prov)
-        config = build_dataclass(cls.Config, params or {}, f"techniques.{key}", prov)
+        try:
+            cls = load_technique_class(key, prov)
+            config = build_dataclass(cls.Config, params or {}, f"techniques.{key}", prov)
+        except PgolfError as exc:
+            errors.append(exc)
+            continue
         enabled.append(Enabled(key, cls, cls(config)))
     names = _ids(enabled)
+    loaded = set(names) | set(techniques)  # one that failed to load is reported already, not as missing
+    conflicting: set[frozenset[str]] = set()
     for e in enabled:
         for req in e.cls.requires:
-            if req not in names:
-                raise prov.error(f"techniques.{e.key}", f"technique '{e.name}' requires '{req}', which the recipe does not enable",
-                                 f"Add '{req}' under techniques:.")
+            if req not in loaded:
+                errors.append(prov.error(f"techniques.{e.key}",
+                                         f"technique '{e.name}' requires '{req}', which the recipe does not enable",
+                                         f"Add '{req}' under techniques:."))
         for other in e.cls.conflicts:
-            if other in names and names[other] is not e:
-                raise prov.error(f"techniques.{e.key}", f"techniques '{e.name}' and '{names[other].name}' conflict",
-                                 "Enable only one of them.")
+            pair = frozenset((e.name, names[other].name)) if other in names else frozenset()
+            if other in names and names[other] is not e and pair not in conflicting:
+                conflicting.add(pair)
+                errors.append(prov.error(f"techniques.{e.key}", f"techniques '{e.name}' and '{names[other].name}' conflict",
+                                         "Enable only one of them."))
     providers: dict[str, list[str]] = {}
     for e in enabled:
         for hook in set(e.cls.hook_names()) & firstresult_hooks():
-            opts = getattr(getattr(e.cls, hook), f"{hookspecs.PROJECT}_impl", None) or {}
+            opts = getattr(getattr(e.cls, hook), f"{PROJECT}_impl", None) or {}
             if not (opts.get("wrapper") or opts.get("hookwrapper")):  # wrappers transform, they don't provide
                 providers.setdefault(hook, []).append(e.name)
     for hook, who in sorted(providers.items()):
         if len(who) > 1:
-            raise RegistryError(
+            errors.append(RegistryError(
                 f"techniques {' and '.join(sorted(who))} both provide '{hook}'; only one may supply it",
                 key="techniques",
                 file=prov.default_file,
                 hint="Enable only one of them.",
-            )
+            ))
+    raise_collected(errors)
     return topological_order(enabled)
 
 
@@ -232,10 +217,15 @@ class HookStats:
 
 @dataclass
 class Trace:
-    """Per technique, per hook: how often it fired and the seconds it took."""
+    """Per technique, per hook: how often it fired and the seconds it took.
+
+    ``configured`` names the techniques whose ``pgolf_configure`` changed the recipe: for a
+    technique that acts only by configuring the host (XSA sets a model field), that is its act.
+    """
 
     stats: dict[str, dict[str, HookStats]] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)  # hooks in first-call order
+    configured: set[str] = field(default_factory=set)
 
     def record(self, plugin: str, hook: str, seconds: float) -> None:
         entry = self.stats.setdefault(plugin, {}).setdefault(hook, HookStats())
@@ -244,15 +234,34 @@ class Trace:
         if hook not in self.order:
             self.order.append(hook)
 
-    def calls(self, plugin: str) -> int:
-        return sum(s.calls for s in self.stats.get(plugin, {}).values())
+    def calls(self, plugin: str, hooks: Iterable[str] | None = None) -> int:
+        wanted = None if hooks is None else set(hooks)
+        return sum(s.calls for h, s in self.stats.get(plugin, {}).items() if wanted is None or h in wanted)
 
-    def merge(self, other: dict[str, dict[str, dict[str, float]]]) -> None:
+    def acted(self, plugin: str, stage: Stage) -> bool:
+        """Whether a hook of `stage` or a later stage fired, or its configure changed the recipe."""
+        later = set(STAGES[STAGES.index(stage):])
+        return plugin in self.configured or self.calls(
+            plugin, [h for h, s in hookspecs.HOOK_STAGES.items() if s in later]) > 0
+
+    def merge(self, other: dict[str, dict[str, dict[str, float]]], sign: int = 1) -> None:
+        """Add a stored trace (a stage product's); `sign=-1` takes one away."""
         for plugin, hooks in other.items():
             for hook, s in hooks.items():
                 entry = self.stats.setdefault(plugin, {}).setdefault(hook, HookStats())
-                entry.calls += int(s["calls"])
-                entry.seconds += float(s["seconds"])
+                entry.calls += sign * int(s["calls"])
+                entry.seconds += sign * float(s["seconds"])
+                if entry.calls <= 0:
+                    del self.stats[plugin][hook]
+            if not self.stats.get(plugin, True):
+                del self.stats[plugin]
+
+    def since(self, mark: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+        """The calls made after `mark` (an earlier `to_dict()` of this trace): one stage's share."""
+        out = Trace()
+        out.merge(self.to_dict())
+        out.merge(mark, sign=-1)
+        return out.to_dict()
 
     def to_dict(self) -> dict[str, dict[str, dict[str, float]]]:
         return {
@@ -285,6 +294,22 @@ def _traced(method: Any, plugin_name: str, hook: str, trace: Trace) -> Any:
 
         return gen_wrapper
 
+    if hook == CONFIGURE_HOOK:
+
+        @functools.wraps(method)
+        def configure_wrapper(*args: Any, **kwargs: Any) -> Any:
+            ctx = kwargs.get("ctx", args[0] if args else None)
+            before = ctx.recipe.to_dict()
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                trace.record(plugin_name, hook, time.perf_counter() - start)
+                if ctx.recipe.to_dict() != before:
+                    trace.configured.add(plugin_name)
+
+        return configure_wrapper
+
     @functools.wraps(method)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -306,7 +331,7 @@ def _instrument(plugin: object, name: str, trace: Trace) -> None:
 
 def build_plugin_manager(enabled: list[Enabled], host: object | None, trace: Trace) -> pluggy.PluginManager:
     """Register the host defaults and the enabled techniques so calls follow the resolved order."""
-    pm = PgolfPluginManager(hookspecs.PROJECT)
+    pm = PgolfPluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
     if host is not None:
         _instrument(host, HOST_PLUGIN, trace)
@@ -326,9 +351,47 @@ def build_plugin_manager(enabled: list[Enabled], host: object | None, trace: Tra
     return pm
 
 
+def technique_problems(techniques: dict[str, Any], prov: Provenance) -> list[PgolfError]:
+    """What `resolve` would report about a recipe's techniques, without raising (for `load_recipe`)."""
+    try:
+        resolve(techniques, prov)
+    except PgolfError as exc:
+        return [exc]
+    return []
+
+
 def silent_techniques(enabled: list[Enabled], trace: Trace) -> list[str]:
-    """Enabled techniques whose hooks never fired: a no-op ablation row is a wrong result."""
-    return [e.name for e in enabled if trace.calls(e.name) == 0]
+    """Enabled techniques that never acted: no hook of their declared stage (or a later one) fired
+    and their configure changed nothing. Session-time hooks (configure, config errors) and
+    metrics do not count: a no-op ablation row is a wrong result."""
+    return [e.name for e in enabled if not trace.acted(e.name, e.stage)]
+
+
+def check_declared_stages(enabled: list[Enabled], prov: Provenance) -> None:
+    """Fail before anything runs when a technique implements a hook that changes a stage earlier
+    than the one it declares (``contribute`` hooks may return None, so they are allowed)."""
+    for e in enabled:
+        earlier = set(STAGES[:STAGES.index(e.stage)])
+        early = sorted(h for h in e.cls.hook_names()
+                       if hookspecs.HOOK_STAGES.get(h) in earlier and not h.startswith("pgolf_contribute_"))
+        if early:
+            stage = hookspecs.HOOK_STAGES[early[0]]
+            raise prov.error(
+                f"techniques.{e.key}",
+                f"technique '{e.name}' declares stage '{e.stage}' but implements {', '.join(early)}, which "
+                f"change the {stage} stage; an ablation would reuse {stage} outputs made without it",
+                f"Declare stage = '{stage}' (the earliest stage it changes) on the technique.")
+
+
+def transform_by_name(name: str | None) -> TextTransform | None:
+    """The text transform a technique of this name provides (for `pgolf data text --transform`)."""
+    if name is None:
+        return None
+    provide = getattr(load_technique_class(name)(), "pgolf_provide_text_transform", None)
+    transform = provide(ctx=RunContext(recipe=Recipe(), device=torch.device("cpu"))) if provide else None
+    if transform is None:
+        raise DataError(f"technique '{name}' provides no text transform", hint="Text transforms come from e.g. casefold.")
+    return transform
 
 
 def describe(cls: type[Technique]) -> dict[str, Any]:
@@ -342,7 +405,7 @@ def describe(cls: type[Technique]) -> dict[str, Any]:
         "conflicts": list(cls.conflicts),
         "after": list(cls.after),
         "before": list(cls.before),
-        "record": cls.record,
+        "follows": cls.follows,
         "config": {f.name: to_plain(f.default) if f.default is not dataclasses.MISSING else None
                    for f in dataclasses.fields(cls.Config)},
         "module": cls.__module__,

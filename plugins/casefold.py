@@ -24,11 +24,7 @@ from typing import Literal
 
 import numpy as np
 
-from pgolf import shards
-from pgolf.context import RunContext
-from pgolf.errors import DataError
-from pgolf.registry import Technique
-from pgolf.textdata import read_manifest
+from pgolf.api import VAL_BYTES_GLOB, DataError, RunContext, Technique, list_shards, read_manifest
 
 TITLE = "\ue001"
 ALLCAPS = "\ue002"
@@ -286,7 +282,7 @@ class Casefold(Technique):
     summary = "Lossless CaseOps text transform (case operators as tokens) with original-byte BPB accounting"
     Config = CasefoldConfig
     stage = "train"
-    record = ("PR #1729 CaseOps (1.07193 -> 1.06780 with WD taper); PR #1736: ~0.005-0.006 nats/token; "
+    follows = ("PR #1729 CaseOps (1.07193 -> 1.06780 with WD taper); PR #1736: ~0.005-0.006 nats/token; "
               "kept by #1769, #1787, #1851, #1855, #1868")
 
     def transform(self) -> CaseOpsTransform | LowercaseTransform:
@@ -306,7 +302,7 @@ class Casefold(Technique):
 def shard_problems(directory: Path, transform: str) -> list[str]:
     """Why the shards in `directory` cannot serve a run with `transform` (empty when they can)."""
     manifest = read_manifest(directory)
-    has_sidecar = bool(shards.list_shards(directory, shards.VAL_BYTES_GLOB))
+    has_sidecar = bool(list_shards(directory, VAL_BYTES_GLOB))
     fix = ("make them with `pgolf data text FILES --out DIR --casefold`" if transform == "casefold"
            else "the lowercase mode builds its data from the embedded corpus; drop --data")
     if manifest is None:  # the challenge's own export: only its CaseOps variant carries a sidecar

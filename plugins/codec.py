@@ -2,9 +2,13 @@
 
 The records moved from zlib-9 (baseline) to zstd-22 (#162), LZMA preset 9 (#1019) and then brotli
 quality 11 after a stride-2 byte shuffle (#1204, #1394 and every later record). The host implements
-the codecs (`pgolf.codecs`) and always reports the real compressed size; this technique only sets
-``export.codec``, ``export.level`` and ``export.byte_shuffle`` before anything runs, so toggling it
-off in an ablation falls back to the recipe's own export settings (the baseline: zlib-9).
+the codecs and always reports the real compressed size; this technique only sets ``export.codec``,
+``export.level`` and ``export.byte_shuffle`` before anything runs, so toggling it off in an
+ablation falls back to the recipe's own export settings (the baseline: zlib-9).
+
+Settings that equal the recipe's own (the same codec, the same effective level, the same shuffle)
+leave the recipe untouched, so such a run fails as "never acted" rather than reporting an
+ablation row that changed nothing.
 """
 
 from __future__ import annotations
@@ -12,10 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pgolf.codecs import DEFAULT_LEVELS
-from pgolf.context import RunContext
-from pgolf.recipe import ExportConfig
-from pgolf.registry import Technique
+from pgolf.api import ExportConfig, RunContext, Technique
 
 
 @dataclass
@@ -25,14 +26,21 @@ class CodecConfig:
     byte_shuffle: int = 2  # #1204/#1394: stride 2 groups the bytes of 16-bit values (fp16 scales)
 
 
+# Each codec's valid levels; the top of the range is its strongest, the level `None` stands for.
 LEVEL_RANGES = {"zlib": (0, 9), "lzma": (0, 9), "brotli": (0, 11)}
 
 
+def effective_level(codec: str, level: int | None) -> int:
+    """The level a codec runs at: `level`, or the codec's strongest for None."""
+    return LEVEL_RANGES[codec][1] if level is None else level
+
+
 def configure_export(export: ExportConfig, cfg: CodecConfig) -> None:
-    """Write the codec choice into a recipe's export section."""
-    export.codec = cfg.codec
-    export.level = cfg.level if cfg.level is not None else DEFAULT_LEVELS[cfg.codec]
-    export.byte_shuffle = cfg.byte_shuffle
+    """Write the codec choice into a recipe's export section (untouched if it already says the same)."""
+    wanted = (cfg.codec, effective_level(cfg.codec, cfg.level), cfg.byte_shuffle)
+    if (export.codec, effective_level(export.codec, export.level), export.byte_shuffle) == wanted:
+        return
+    export.codec, export.level, export.byte_shuffle = wanted
 
 
 class Codec(Technique):
@@ -40,7 +48,7 @@ class Codec(Technique):
     summary = "Compress the artifact with zlib, lzma or brotli-11, optionally after a byte shuffle."
     Config = CodecConfig
     stage = "export"
-    record = "#1394 (brotli-11 + byte shuffle; NR XNOR-Net: brotli beats lzma by ~50 KB), #1019 (lzma-9)"
+    follows = "#1394 (brotli-11 + byte shuffle; NR XNOR-Net: brotli beats lzma by ~50 KB), #1019 (lzma-9)"
 
     def pgolf_contribute_config_errors(self, ctx: RunContext) -> list[str]:
         c = self.config

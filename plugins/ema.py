@@ -20,8 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from pgolf.context import RunContext
-from pgolf.registry import Technique
+from pgolf.api import RunContext, Technique
 
 
 @dataclass
@@ -114,8 +113,8 @@ class EMA(Technique):
     summary = "EMA (or SWA) of all weights in fp32, swapped in after training so export sees the average"
     Config = EMAConfig
     stage = "train"
-    record = ("#287 EMA 0.997 (#414: -0.0006 BPB); #1493 on 0.9965; SWA #162/#180/#265 "
-              "(#180 start 0.4: -0.0006)")
+    follows = ("#287 EMA 0.997 (#414: -0.0006 BPB); #1493 on 0.9965; SWA #162/#180/#265 "
+               "(#180 start 0.4: -0.0006)")
 
     def pgolf_on_train_start(self, model: nn.Module, ctx: RunContext) -> None:
         live = float_state(model)
@@ -127,7 +126,7 @@ class EMA(Technique):
         averager = ctx.stash[self.name]
         if cfg.mode == "ema":
             averager.update()
-        elif swa_collects(ctx.step, ctx.lr_scale, cfg.swa_every, cfg.swa_start_scale):
+        elif swa_collects(ctx.clock.step, ctx.clock.lr_scale, cfg.swa_every, cfg.swa_start_scale):
             averager.collect()
 
     def pgolf_on_train_end(self, model: nn.Module, ctx: RunContext) -> None:

@@ -6,66 +6,55 @@ No accepted record uses it; the variants come from PRs (reference/techniques.md 
   frequent tokens at int8, the rest at int6. The per-row widths are stored in the artifact (the
   host writes a ``row_bits`` part for any spec with row groups) and counted in its bytes.
 - ``hessian`` (PR #1042, closed): GPTQ Hessian rows from positions whose *input* token is in the
-  top-K are weighted up (boost 2 = counted twice). This is a cross-technique interface: gptq calls
-  the ``pgolf_contribute_calibration_weights`` hook once per calibration batch.
+  top-K are weighted up (boost 2 = counted twice), through ``pgolf_contribute_calibration_weights``,
+  which the host calls once per calibration batch while it collects the calibration Hessians
+  (provided by gptq).
 - ``loss`` (PR #1519 byte-length weights; #1360's Gaussian reweighting was +0.0143 worse): per-token
   training loss weights, by byte length or by inverse frequency^α. Evaluation stays unweighted.
 
-Frequencies are counted on training shards only; `count_token_frequencies` refuses a validation
-shard outright, and reads are recorded in the run's DataLedger under "frequency".
+Frequencies are counted on training shards only: the tokens come from
+``ctx.data.train_shard_tokens("frequency")``, which never yields a validation shard and records
+every read in the run's data ledger under "frequency". `count_token_frequencies` is the
+functional core: counts over any iterable of token arrays.
 """
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pgolf import shards
-from pgolf.context import RunContext
-from pgolf.data import DataLedger
-from pgolf.errors import DataError
-from pgolf.quant import QuantSpec
-from pgolf.registry import Stage, Technique
+from pgolf.api import DataError, QuantSpec, RunContext, Stage, Technique, build_byte_tables, load_tokenizer
 
 EMBEDDING_NAMES = ("tok_emb.weight", "lm_head.weight")
 
 
-def is_validation_shard(path: Path) -> bool:
-    return fnmatch.fnmatch(Path(path).name, shards.VAL_GLOB)
+def count_token_frequencies(token_arrays: Iterable[np.ndarray], vocab_size: int,
+                            max_tokens: int | None = None) -> np.ndarray:
+    """Unigram counts [vocab_size] over the first `max_tokens` tokens of `token_arrays`, in order.
 
-
-def count_token_frequencies(files: Sequence[Path], vocab_size: int, max_tokens: int | None = None,
-                            ledger: DataLedger | None = None) -> np.ndarray:
-    """Unigram counts [vocab_size] over the first `max_tokens` tokens of training shards, in order.
-
-    Raises DataError if any file is a validation shard: frequency statistics from validation data
-    would leak the answer into the artifact (condition 1 of the challenge's Issue #1017).
+    Stops taking arrays once `max_tokens` are counted, so a lazy source (the run's training
+    shards, ``ctx.data.train_shard_tokens``) reads no more than it needs. The caller guarantees the
+    arrays are training tokens: frequency statistics from validation data would leak the answer
+    into the artifact (condition 1 of the challenge's Issue #1017).
     """
-    bad = [Path(p).name for p in files if is_validation_shard(Path(p))]
-    if bad:
-        raise DataError(f"token frequencies must come from training shards only, but got {', '.join(bad)}",
-                        hint="Pass fineweb_train_*.bin files (the run's dataset.train_files).")
-    if not files:
-        raise DataError("no training shards to count token frequencies on")
     counts = np.zeros(vocab_size, dtype=np.int64)
     remaining = max_tokens
-    for path in files:
-        tokens = shards.read_shard(path, vocab_size)
-        if ledger is not None:
-            ledger.record("frequency", Path(path))
+    seen = False
+    for tokens in token_arrays:
+        seen = True
         if remaining is not None:
             tokens = tokens[:remaining]
             remaining -= tokens.shape[0]
         counts += np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size)
         if remaining is not None and remaining <= 0:
             break
+    if not seen:
+        raise DataError("no training shards to count token frequencies on")
     return counts
 
 
@@ -121,7 +110,7 @@ class FreqWeighting(Technique):
     stage = "export"
     after = ("sandwich_quant",)
     before = ("sdclip", "gptq")
-    record = "PR #898 (embedding rows, 1.1217, not isolated), PR #1042 (Hessian boost), PR #1519 (byte-weighted loss)"
+    follows = "PR #898 (embedding rows, 1.1217, not isolated), PR #1042 (Hessian boost), PR #1519 (byte-weighted loss)"
 
     def __init__(self, config: FreqWeightingConfig | None = None) -> None:
         super().__init__(config)
@@ -139,9 +128,10 @@ class FreqWeighting(Technique):
             problems.append("techniques.freq_weighting: top_bits and rest_bits must lie in 2..8.")
         if c.hessian_boost <= 0 or c.alpha < 0 or c.count_tokens <= 0:
             problems.append("techniques.freq_weighting: hessian_boost and count_tokens must be positive, alpha >= 0.")
-        if c.mode == "hessian" and not ctx.is_enabled("gptq"):
-            problems.append("techniques.freq_weighting: mode hessian weights GPTQ's calibration Hessians; enable "
-                            "gptq or choose mode embed_quant or loss.")
+        if c.mode == "hessian" and "gptq" not in ctx.recipe.techniques:
+            problems.append("techniques.freq_weighting: mode hessian weights the calibration Hessians, which need a "
+                            "technique that provides calibration batches; enable gptq or choose mode embed_quant "
+                            "or loss.")
         if c.mode != "loss" and ctx.recipe.train.max_wallclock_seconds > 0 and c.reserve_seconds <= 0:
             problems.append("techniques.freq_weighting: counting training tokens at export is charged to the "
                             "training budget; set reserve_seconds > 0.")
@@ -149,8 +139,8 @@ class FreqWeighting(Technique):
 
     def count(self, ctx: RunContext) -> np.ndarray:
         if self.counts is None:
-            ds = ctx.dataset
-            self.counts = count_token_frequencies(ds.train_files, ds.vocab_size, self.config.count_tokens, ds.ledger)
+            self.counts = count_token_frequencies(ctx.data.train_shard_tokens("frequency"), ctx.data.vocab_size,
+                                                  self.config.count_tokens)
             self._frequent = torch.as_tensor(top_tokens(self.counts, self.config.top_k), dtype=torch.long)
             covered = self.counts[self._frequent.numpy()].sum() / max(int(self.counts.sum()), 1)
             ctx.log(f"freq_weighting: top {self.config.top_k} tokens cover {covered:.1%} of "
@@ -164,12 +154,9 @@ class FreqWeighting(Technique):
         if c.mode != "loss":
             return None
         if c.loss_weighting == "bytes":
-            from pgolf.bpb import build_byte_tables
-            from pgolf.tokenizer import load_tokenizer
-
-            ds = ctx.dataset
-            tables = build_byte_tables(load_tokenizer(ds.tokenizer_path, ds.vocab_size), ds.vocab_size)
-            return byte_length_weights(tables.base_bytes, ds.vocab_size)
+            data = ctx.data
+            tables = build_byte_tables(load_tokenizer(data.tokenizer_path, data.vocab_size), data.vocab_size)
+            return byte_length_weights(tables.base_bytes, data.vocab_size)
         return inverse_frequency_weights(self.count(ctx), c.alpha)
 
     # export (modes: embed_quant, hessian) ---------------------------------------------------

@@ -7,10 +7,13 @@ training shards inside the training budget (a reserve taken off the wallclock), 
 the tied embedding is GPTQ'd too, with a Hessian from the final norm's output (the embedding is the
 output projection there). #1626 trimmed calibration to 16 batches and a 4 s reserve.
 
+GPTQ supplies the calibration batches (`pgolf_provide_calibration_batches`); the host collects the
+mean Hessians ``E[XᵀX]`` from them once per export (`ctx.services.calibration_hessians()`, with
+`pgolf.api.collect_hessians`: a layer run several times per forward adds every pass), so sdclip and
+freq_weighting see the same statistics without reaching into this module.
+
 Functional core, usable without the registry:
 
-- `HessianCollector` / `collect_hessians`: forward hooks that add ``XᵀX`` (fp32) of every linear
-  layer's input; a layer run several times per forward (depth recurrence) adds every pass.
 - `self_generate`: autoregressive calibration text (PR #1019: 64 sequences x 2048 tokens, T=0.8).
 - `factorize` + `gptq_codes`: damping 0.01·mean(diag H), act-order, the upper Cholesky factor of
   H⁻¹, blocks of 128 columns with lazy updates.
@@ -24,111 +27,29 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from pgolf.context import RunContext
-from pgolf.data import DistributedTokenLoader
-from pgolf.quant import QuantizedTensor, QuantSpec, dtype_name, row_bits, row_clip, scales_from_clip
-from pgolf.registry import Technique
-from pgolf.train import grad_accum_steps
+from pgolf.api import (
+    QuantizedTensor,
+    QuantSpec,
+    RunContext,
+    Technique,
+    damped_hessian,
+    dtype_name,
+    row_bits,
+    row_clip,
+    scales_from_clip,
+)
 
-TIED_EMBEDDING = "tok_emb.weight"
 MAX_DAMP_RETRIES = 6  # each retry multiplies the damping by 10 when H is numerically not positive definite
 
 
-# --- Hessians ------------------------------------------------------------------------------------
-
-
-class HessianCollector:
-    """Accumulates ``H += Xᵀ diag(w) X`` in fp32 for chosen linear layers while the model runs.
-
-    `X` is each call's input flattened to [tokens, in_features] (for the tied embedding, the final
-    norm's output, which the embedding multiplies as the output head). Hooks fire once per call,
-    so a block visited several times per forward contributes every visit. `row_weights`, when set,
-    holds one weight per input position of the current batch (shaped like the input ids).
-    """
-
-    def __init__(self, model: nn.Module, names: Iterable[str] | None = None) -> None:
-        wanted = set(names) if names is not None else None
-        self.targets: dict[str, nn.Module] = {}
-        for module_name, module in model.named_modules():
-            weight_name = f"{module_name}.weight"
-            if isinstance(module, nn.Linear) and (wanted is None or weight_name in wanted):
-                self.targets[weight_name] = module
-        tied = getattr(model, "tie_embeddings", False) and hasattr(model, "final_norm")
-        self.output_targets: dict[str, nn.Module] = {}
-        if tied and (wanted is None or TIED_EMBEDDING in wanted):
-            self.output_targets[TIED_EMBEDDING] = model.final_norm
-        self.hessians: dict[str, Tensor] = {}
-        self.rows: dict[str, float] = {}
-        self.row_weights: Tensor | None = None
-        self._handles: list[Any] = []
-
-    def add(self, name: str, x: Tensor) -> None:
-        x = x.detach().float()
-        lead = x.shape[:-1].numel()
-        x = x.reshape(-1, x.shape[-1])
-        if self.row_weights is None:
-            rows = float(lead)
-        else:
-            w = self.row_weights.to(device=x.device, dtype=torch.float32).reshape(-1)
-            if w.numel() != lead:
-                raise ValueError(f"calibration weights have {w.numel()} entries but {name}'s input has {lead} rows")
-            x = x * w.sqrt()[:, None]
-            rows = float(w.sum())
-        h = self.hessians.get(name)
-        if h is None:
-            h = self.hessians[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-            self.rows[name] = 0.0
-        h.addmm_(x.T, x)
-        self.rows[name] += rows
-
-    def __enter__(self) -> HessianCollector:
-        for name, module in self.targets.items():
-            self._handles.append(module.register_forward_hook(
-                lambda _m, inputs, _out, name=name: self.add(name, inputs[0])))
-        for name, module in self.output_targets.items():
-            self._handles.append(module.register_forward_hook(lambda _m, _in, out, name=name: self.add(name, out)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-
-def collect_hessians(
-    model: nn.Module,
-    batches: Iterable[Tensor],
-    names: Iterable[str] | None = None,
-    row_weights: Callable[[Tensor], Tensor | None] | None = None,
-    autocast: Callable[[], Any] | None = None,
-) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Run `batches` of input ids through the model and return (summed H, weighted rows) per weight.
-
-    An untied output head is run too, so its input (the final hidden state) is collected.
-    """
-    was_training = model.training
-    model.eval()
-    collector = HessianCollector(model, names)
-    head = getattr(model, "lm_head", None)
-    try:
-        with torch.no_grad(), collector:
-            for ids in batches:
-                collector.row_weights = row_weights(ids) if row_weights is not None else None
-                with autocast() if autocast is not None else contextlib.nullcontext():
-                    hidden = model.forward_hidden(ids)
-                    if head is not None:
-                        head(hidden)
-    finally:
-        model.train(was_training)
-    return collector.hessians, collector.rows
+# --- self-generated calibration text --------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -182,23 +103,6 @@ class GPTQFactor:
     inv_perm: Tensor
     dead: Tensor  # columns never activated (diag(H) == 0): their weights are dropped
     upper: Tensor  # upper Cholesky factor of H⁻¹ in permuted order
-
-
-def damped_hessian(hessian: Tensor, damp: float = 0.01) -> tuple[Tensor, Tensor]:
-    """(H with dead columns neutralised and 0.01·mean(diag) added to the diagonal, dead mask).
-
-    Dead columns get the live columns' mean diagonal rather than the records' constant 1, so the
-    result scales exactly with H and GPTQ's output is invariant to scaling the Hessian.
-    """
-    h = hessian.detach().to(torch.float32).clone()
-    diag = h.diagonal()
-    dead = diag == 0
-    live_mean = diag[~dead].mean() if bool((~dead).any()) else torch.ones((), device=h.device)
-    h[dead, :] = 0
-    h[:, dead] = 0
-    diag[dead] = live_mean
-    diag.add_(damp * diag.mean())
-    return h, dead
 
 
 def factorize(hessian: Tensor, damp: float = 0.01, act_order: bool = True) -> GPTQFactor:
@@ -352,15 +256,15 @@ class GPTQ(Technique):
     Config = GPTQConfig
     stage = "export"
     after = ("sandwich_quant", "freq_weighting", "sdclip")
-    record = "#1019 (AR self-gen, -0.0046 bpb with XSA-all/BigramHash), #1060/#1394/#1626 (train calibration in budget)"
+    follows = "#1019 (AR self-gen, -0.0046 bpb with XSA-all/BigramHash), #1060/#1394/#1626 (train calibration in budget)"
 
     def __init__(self, config: GPTQConfig | None = None) -> None:
         super().__init__(config)
-        self._model: nn.Module | None = None
-        self._hessians: dict[str, Tensor] | None = None
+        self._hessians: Mapping[str, Tensor] | None = None
         self._factors: dict[str, GPTQFactor] = {}
         self._memo: dict[str, tuple[str, QuantizedTensor]] = {}
         self._info: dict[str, Any] = {}
+        self._calibration_start: float | None = None
 
     # configure -----------------------------------------------------------------------------
 
@@ -385,70 +289,45 @@ class GPTQ(Technique):
         """Training-shard calibration runs here, where the host charges it to training time.
 
         Self-generated calibration reads no data, so like the record it runs after training: on
-        the first Hessian request (`hessians`), outside the time charged to training.
+        the first Hessian request (the first `pgolf_quantize_tensor`, or sdclip's Hessian-aware
+        clip), outside the time charged to training.
         """
-        self._model = model
         self._hessians = None
+        self._calibration_start = None
         self._factors.clear()
         self._memo.clear()
         if self.config.calibration == "train":
             self.hessians(ctx)
 
-    def hessians(self, ctx: RunContext) -> dict[str, Tensor]:
-        """Mean calibration Hessian per weight name (computed once per export).
-
-        Also the interface other techniques use (sdclip's Hessian-aware row factor).
-        """
-        if self._hessians is None:
-            if self._model is None:
-                raise RuntimeError("gptq: Hessians were requested before the export stage started")
-            start = time.perf_counter()
-            batches = self._calibration_batches(self._model, ctx)
-            summed, rows = collect_hessians(self._model, batches, row_weights=self._row_weights(ctx),
-                                            autocast=ctx.autocast)
-            if ctx.dist.enabled:
-                for name in sorted(summed):
-                    dist.all_reduce(summed[name])
-                    total = torch.tensor(rows[name], device=summed[name].device)
-                    dist.all_reduce(total)
-                    rows[name] = float(total)
-            self._hessians = {n: h / max(rows[n], 1e-12) for n, h in summed.items()}
-            self._info.update(hessians=len(summed), calibration_seconds=time.perf_counter() - start)
-            ctx.log(f"gptq: {len(summed)} Hessians from {self._info['calibration_tokens']:,} "
-                    f"{self.config.calibration} tokens in {self._info['calibration_seconds']:.1f}s")
-        return self._hessians
-
-    def _row_weights(self, ctx: RunContext) -> Callable[[Tensor], Tensor | None] | None:
-        """Per-position Hessian weights from `pgolf_contribute_calibration_weights` (multiplied)."""
-        if ctx.hook is None:
-            return None
-
-        def weights(ids: Tensor) -> Tensor | None:
-            total = None
-            for w in ctx.hook.pgolf_contribute_calibration_weights(input_ids=ids, ctx=ctx):
-                if w is not None:
-                    total = w.float() if total is None else total * w.float()
-            return total
-
-        return weights
-
-    def _calibration_batches(self, model: nn.Module, ctx: RunContext) -> list[Tensor]:
+    def pgolf_provide_calibration_batches(self, model: nn.Module, ctx: RunContext) -> list[Tensor]:
+        """Training micro-batches of this rank, or text the model samples from BOS (#1019)."""
         c, r = self.config, ctx.recipe
+        self._calibration_start = time.perf_counter()
         if c.calibration == "self_generated":
             seed = r.seed if c.self_gen_seed is None else c.self_gen_seed
-            bos = ctx.dataset.bos_id if ctx.data is not None else 1
             seqs = self_generate(model, c.self_gen_sequences, c.self_gen_seq_len, c.self_gen_temperature, seed,
-                                 bos, ctx.device, c.self_gen_batch, r.train.seq_len, ctx.autocast)
+                                 ctx.data.bos_id, ctx.device, c.self_gen_batch, r.train.seq_len, ctx.autocast)
             batches = list(seqs.split(c.self_gen_batch))
         else:
-            loader = DistributedTokenLoader(ctx.dataset.train_stream("calibration"), ctx.dist.rank,
-                                            ctx.dist.world_size, ctx.device)
-            accum = grad_accum_steps(r.train, ctx.dist.world_size)
-            batches = [loader.next_batch(r.train.batch_tokens, r.train.seq_len, accum)[0]
-                       for _ in range(c.calibration_batches)]
+            batches = ctx.data.train_batches("calibration", c.calibration_batches)
         ranks = ctx.dist.world_size if c.calibration == "train" else 1  # self-generation is identical on every rank
         self._info["calibration_tokens"] = sum(b.numel() for b in batches) * ranks
         return batches
+
+    def hessians(self, ctx: RunContext) -> Mapping[str, Tensor]:
+        """The host's mean calibration Hessians of this export (collected on the first request).
+
+        The calibration time runs from the host asking for the batches to the first time gptq sees
+        the Hessians: the whole collection when gptq asks first (always, on training shards).
+        """
+        if self._hessians is None:
+            start = time.perf_counter()
+            self._hessians = ctx.services.calibration_hessians()
+            began = self._calibration_start if self._calibration_start is not None else start
+            self._info.update(hessians=len(self._hessians), calibration_seconds=time.perf_counter() - began)
+            ctx.log(f"gptq: {len(self._hessians)} Hessians from {self._info.get('calibration_tokens', 0):,} "
+                    f"{self.config.calibration} tokens in {self._info['calibration_seconds']:.1f}s")
+        return self._hessians
 
     def pgolf_quantize_tensor(self, name: str, tensor: Tensor, spec: QuantSpec, ctx: RunContext) -> QuantizedTensor | None:
         if spec.scheme != "int" or tensor.ndim != 2:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pgolf.context import RunContext
-from pgolf.recipe import ModelConfig
-from pgolf.registry import Technique
+from pgolf.api import ModelConfig, RunContext, Technique
 
 
 @dataclass
@@ -34,7 +32,7 @@ class LeakyRelu(Technique):
     summary = "MLP activation leaky_relu(x, 0.5)^2 instead of relu(x)^2"
     Config = LeakyReluConfig
     stage = "train"
-    record = "#549 (PR #493): -0.0021 BPB post-TTT in #549's seed-1337 ablation; PR #493 reported -0.003"
+    follows = "#549 (PR #493): -0.0021 BPB post-TTT in #549's seed-1337 ablation; PR #493 reported -0.003"
 
     def pgolf_configure(self, ctx: RunContext) -> None:
         use_leaky_relu2(ctx.recipe.model, self.config.slope)

@@ -6,9 +6,7 @@ bytes; the math is `pgolf.optim.Muon` with ``row_normalize``.
 
 from __future__ import annotations
 
-from pgolf.context import RunContext
-from pgolf.recipe import OptimConfig
-from pgolf.registry import Technique
+from pgolf.api import OptimConfig, RunContext, Technique
 
 
 def use_row_normalized_muon(optim: OptimConfig) -> None:
@@ -19,7 +17,7 @@ class MuonEqR(Technique):
     name = "muon_eq_r"
     summary = "row-normalised Muon: each row of the update has unit norm before Newton-Schulz"
     stage = "train"
-    record = "#1285 (PR #1217/#1260, arXiv:2603.28254): 'zero-byte cost, ~0.001 BPB'; in every record from #1394"
+    follows = "#1285 (PR #1217/#1260, arXiv:2603.28254): 'zero-byte cost, ~0.001 BPB'; in every record from #1394"
 
     def pgolf_configure(self, ctx: RunContext) -> None:
         use_row_normalized_muon(ctx.recipe.optim)

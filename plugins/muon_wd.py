@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pgolf.context import RunContext
-from pgolf.recipe import OptimConfig
-from pgolf.registry import Technique
+from pgolf.api import OptimConfig, RunContext, Technique
 
 
 @dataclass
@@ -40,8 +38,8 @@ class MuonWD(Technique):
     summary = "decoupled weight decay: Muon 0.095, embedding 0.085, scalars 0.02 (smaller, more compressible weights)"
     Config = MuonWDConfig
     stage = "train"
-    record = ("#1493 (muon 0.095 / embed 0.085 / adam 0.02, bundled); #162 0.04; #1218 0.085; "
-              "#1285 0.090 ('~280K bytes of artifact headroom')")
+    follows = ("#1493 (muon 0.095 / embed 0.085 / adam 0.02, bundled); #162 0.04; #1218 0.085; "
+               "#1285 0.090 ('~280K bytes of artifact headroom')")
 
     def pgolf_configure(self, ctx: RunContext) -> None:
         cfg: MuonWDConfig = self.config

@@ -15,9 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pgolf.context import RunContext
-from pgolf.recipe import ModelConfig
-from pgolf.registry import Technique
+from pgolf.api import ModelConfig, RunContext, Technique
 
 Variant = Literal["two_lane", "sum"]
 
@@ -51,8 +49,8 @@ class ParallelResiduals(Technique):
     summary = "attention and MLP read separate residual lanes (two_lane) or run side by side (sum) from a layer on"
     Config = ParallelResidualsConfig
     stage = "train"
-    record = ("#1529/#1855 two lanes from layer 8 (#1529: p=0.001 vs #1514); #1204 two lanes from 7 "
-              "(-0.0022 BPB, one sample); #1412/#1493 summed from 7")
+    follows = ("#1529/#1855 two lanes from layer 8 (#1529: p=0.001 vs #1514); #1204 two lanes from 7 "
+               "(-0.0022 BPB, one sample); #1412/#1493 summed from 7")
 
     def pgolf_configure(self, ctx: RunContext) -> None:
         use_parallel_residuals(ctx.recipe.model, self.config.start_layer, self.config.variant)

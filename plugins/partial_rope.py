@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pgolf.context import RunContext
-from pgolf.recipe import ModelConfig
-from pgolf.registry import Technique
+from pgolf.api import ModelConfig, RunContext, Technique
 
 
 @dataclass
@@ -44,7 +42,7 @@ class PartialRope(Technique):
     summary = "RoPE on the first 16 dims of each head only, plus 1/sqrt(layer+1) norm scaling"
     Config = PartialRopeConfig
     stage = "train"
-    record = "#315: partial RoPE 16/64 + LN scale took 1.1271 -> 1.1248 (its late QAT never ran)"
+    follows = "#315: partial RoPE 16/64 + LN scale took 1.1271 -> 1.1248 (its late QAT never ran)"
 
     def pgolf_configure(self, ctx: RunContext) -> None:
         use_partial_rope(ctx.recipe.model, self.config.dims, self.config.ln_scale)

@@ -32,11 +32,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pgolf.bpb import LEADING_SPACE, build_byte_tables, loss_and_bpb
-from pgolf.context import RunContext
-from pgolf.evaluate import TokenScores
-from pgolf.registry import Technique
-from pgolf.tokenizer import load_tokenizer
+from pgolf.api import (
+    LEADING_SPACE,
+    RunContext,
+    Technique,
+    TokenScores,
+    build_byte_tables,
+    load_tokenizer,
+    loss_and_bpb,
+)
 
 DEFAULT_ORDER = {"token": 4, "bytes": 5}
 MAX_BYTE_ORDER = 7  # byte contexts are packed 8 bits per byte into one uint64 key
@@ -438,7 +442,7 @@ class PPM(Technique):
     summary = "Mix the network with a PPM model of the already-scored stream (token: valid; bytes: the rejected PRs)."
     Config = PPMConfig
     stage = "eval"
-    record = "token: PR #1914 idea (normalized); bytes: PRs #1835/#1991/#2098, ruled invalid (Issue #1872)"
+    follows = "token: PR #1914 idea (normalized); bytes: PRs #1835/#1991/#2098, ruled invalid (Issue #1872)"
 
     def pgolf_on_scores(self, scores: TokenScores, ctx: RunContext) -> None:
         start = time.perf_counter()
@@ -455,7 +459,7 @@ class PPM(Technique):
             final_escape = float(escape[np.flatnonzero(scored)[-1]]) if scored.any() else None
         else:
             final_escape = None
-            table = TokenBytes.from_tokenizer(load_tokenizer(ctx.dataset.tokenizer_path), ctx.recipe.model.vocab_size)
+            table = TokenBytes.from_tokenizer(load_tokenizer(ctx.data.tokenizer_path), ctx.recipe.model.vocab_size)
             mix = ByteMixConfig(order, cfg.lambda_hi, cfg.lambda_lo, cfg.threshold)
             scores.nll[scored] = byte_mix_nll(scores.tokens, scores.nll, table, mix)[scored]
             for p, logp in scores.probes.items():

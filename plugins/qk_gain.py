@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pgolf.context import RunContext
-from pgolf.recipe import ModelConfig
-from pgolf.registry import Technique
+from pgolf.api import ModelConfig, RunContext, Technique
 
 
 @dataclass
@@ -34,7 +32,7 @@ class QKGain(Technique):
     summary = "initialise the per-head query gain at 5.25 instead of 1.5 (sharper attention from the start)"
     Config = QKGainConfig
     stage = "train"
-    record = "#1493 5.25 ('monotonic improvement from 4.0 to 5.25'); 4.0 in #1218, 5.0 in #1413 (with TTT -0.00283)"
+    follows = "#1493 5.25 ('monotonic improvement from 4.0 to 5.25'); 4.0 in #1218, 5.0 in #1413 (with TTT -0.00283)"
 
     def pgolf_configure(self, ctx: RunContext) -> None:
         set_qk_gain(ctx.recipe.model, self.config.init)

@@ -26,11 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pgolf.context import RunContext
-from pgolf.errors import ConfigError
-from pgolf.model import GPT, Block
-from pgolf.registry import Technique
-from pgolf.train import WarmupPhase
+from pgolf.api import GPT, Block, ConfigError, RunContext, Technique, WarmupPhase
 
 
 @dataclass
@@ -223,8 +219,8 @@ class Recurrence(Technique):
     Config = RecurrenceConfig
     stage = "train"
     after = ("ema",)  # at train end, untied passes that never ran copy the block's *averaged* MLP
-    record = ("#1493 loop 3-5 x3 from 0.35 (bundled, 1.0810); #1394 loop 4-5 from 0.5; #1412 progressive; "
-              "#1204 untied repeat MLPs (mini recurrence ~0.002-0.003 BPB)")
+    follows = ("#1493 loop 3-5 x3 from 0.35 (bundled, 1.0810); #1394 loop 4-5 from 0.5; #1412 progressive; "
+               "#1204 untied repeat MLPs (mini recurrence ~0.002-0.003 BPB)")
 
     def pgolf_contribute_config_errors(self, ctx: RunContext) -> list[str] | None:
         problem = fit_problem(ctx.recipe.model.num_layers, self.config)
@@ -248,13 +244,14 @@ class Recurrence(Technique):
     def pgolf_on_step_start(self, model: nn.Module, ctx: RunContext) -> None:
         state: LoopState = ctx.stash[self.name]
         current = state.switch.passes
-        passes = state.switch.advance(ctx.frac)
+        clock = ctx.clock
+        passes = state.switch.advance(clock.frac)
         if passes is None:
             return
         activate(model, self.config, current, passes)
-        state.activations.append({"step": ctx.step, "frac": round(ctx.frac, 6), "passes": passes})
+        state.activations.append({"step": clock.step, "frac": round(clock.frac, 6), "passes": passes})
         encoder, decoder = model.layer_plan()
-        ctx.log(f"recurrence: {passes} extra pass(es) from step {ctx.step} (frac {ctx.frac:.3f}) "
+        ctx.log(f"recurrence: {passes} extra pass(es) from step {clock.step} (frac {clock.frac:.3f}) "
                 f"encoder:{encoder} decoder:{decoder}")
 
     def pgolf_on_train_end(self, model: nn.Module, ctx: RunContext) -> None:

@@ -23,9 +23,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from pgolf.context import RunContext
-from pgolf.quant import QuantSpec
-from pgolf.registry import Technique
+from pgolf.api import QuantSpec, RunContext, Technique
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 Position = Literal["embed", "outer", "middle", "middle_mlp", "other"]
@@ -76,7 +74,7 @@ class SandwichQuant(Technique):
     Config = SandwichConfig
     stage = "export"
     before = ("freq_weighting", "sdclip", "gptq")
-    record = "10L_MixedPrecision (outer int8, gap 0.0018 vs 0.0093), #1285 (all-int6 blocks), #1626 (int7 embedding)"
+    follows = "10L_MixedPrecision (outer int8, gap 0.0018 vs 0.0093), #1285 (all-int6 blocks), #1626 (int7 embedding)"
 
     def pgolf_contribute_config_errors(self, ctx: RunContext) -> list[str]:
         c = self.config

@@ -5,11 +5,14 @@ values beyond ``k·σ_r`` clamp to ±R. For Gaussian rows the entropy of the cod
 ``bits - log2 k + const``, so k is first a size knob: larger k, coarser steps, fewer bytes. PR #1586
 (via #1626) split k by role: MLP 12, attention 13, embedding 15 (int7), other matrices 12.85.
 PR #1412's Hessian-aware variant multiplies each row's clip by ``1 + λ(imp_r - 1)``, where imp_r is
-the row's mean |W| weighted by the normalised diagonal of the damped Hessian (λ = 0.175).
+the row's mean |W| weighted by the normalised diagonal of the damped Hessian (λ = 0.175). The
+Hessians are the host's calibration Hessians (`ctx.services.calibration_hessians()`), which need a
+technique that provides calibration batches (gptq).
 
 Functional core: `tensor_role`, `sdclip_scale`, `hessian_row_factor`, `apply_sdclip` (edit a
 QuantSpec), and `search_multiplier`, the byte-target search used by `mode: target`: it scales all
-k together until the real artifact (real quantizer, real codec) lands just under the budget.
+k together until the real artifact (real quantizer, real codec) lands just under the budget; each
+probe is the host's own measurement of an export (`ctx.services.measure_export`).
 """
 
 from __future__ import annotations
@@ -22,10 +25,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from pgolf.artifact import code_bytes, encode_artifact, pack
-from pgolf.context import RunContext
-from pgolf.quant import QuantSpec, default_spec, qmax
-from pgolf.registry import Technique
+from pgolf.api import QuantSpec, RunContext, Technique, damped_hessian, default_spec, qmax
 
 SCALE_FLOOR = 1e-10  # the records' floor (the baseline's 1/R floor fixes tiny rows to a coarse step)
 Role = Literal["embed", "attn", "mlp", "matrix"]
@@ -154,7 +154,8 @@ class SDClipConfig:
     attn_sigmas: float = 13.0  # #1626
     matrix_sigmas: float = 12.85  # #1394, kept by #1626 for other matrices
     embed_sigmas: float = 15.0  # #1626 at int7 (#1394: 20 at int8)
-    hessian_lambda: float = 0.0  # #1412 used 0.175 (needs gptq's Hessians); #1626 onwards dropped it
+    hessian_lambda: float = 0.0  # #1412 used 0.175 (needs calibration Hessians: gptq); #1626 onwards dropped it
+    hessian_damp: float = 0.01  # damping of the Hessian diagonal for hessian_lambda (gptq's default damp)
     mode: Literal["fixed", "target"] = "fixed"  # target: scale every k to land just under the byte budget
     target_bytes: int | None = None  # None = export.budget_bytes - target_margin_bytes
     target_margin_bytes: int = 4096  # room for the artifact's metadata header, which probes leave out
@@ -165,13 +166,20 @@ class SDClipConfig:
 
 
 class SDClip(Technique):
+    """SDClip (see the module docstring).
+
+    ``hessian_lambda > 0`` reads the host's calibration Hessians, damped by ``hessian_damp``
+    (default 0.01, the same as gptq's ``damp``; set both when changing one to keep the numbers of a
+    run where sdclip read gptq's own setting).
+    """
+
     name = "sdclip"
     summary = "Per-row scale k*std(row)/R with k per role (attn, MLP, other, embedding); optional byte-target k."
     Config = SDClipConfig
     stage = "export"
     after = ("sandwich_quant", "freq_weighting")
     before = ("gptq",)
-    record = "#1394 (SDClip, k 12.85 / emb 20), #1626 (MLP 12, attn 13, emb 15 at int7), #1412 (Hessian-aware, λ 0.175)"
+    follows = "#1394 (SDClip, k 12.85 / emb 20), #1626 (MLP 12, attn 13, emb 15 at int7), #1412 (Hessian-aware, λ 0.175)"
 
     def __init__(self, config: SDClipConfig | None = None) -> None:
         super().__init__(config)
@@ -192,9 +200,12 @@ class SDClip(Technique):
             problems.append("techniques.sdclip: every *_sigmas must be positive (the records use 12-20).")
         if not 0.0 <= c.hessian_lambda < 1.0:
             problems.append("techniques.sdclip: hessian_lambda must lie in [0, 1) (#1412 used 0.175).")
-        if c.hessian_lambda > 0 and not ctx.is_enabled("gptq"):
-            problems.append("techniques.sdclip: hessian_lambda > 0 weights rows by GPTQ's calibration Hessians; "
-                            "enable gptq or set hessian_lambda: 0.")
+        if c.hessian_lambda > 0 and "gptq" not in ctx.recipe.techniques:
+            problems.append("techniques.sdclip: hessian_lambda > 0 weights rows by the calibration Hessians, which "
+                            "need a technique that provides calibration batches; enable gptq or set "
+                            "hessian_lambda: 0.")
+        if c.hessian_damp <= 0:
+            problems.append("techniques.sdclip: hessian_damp must be positive (gptq's default is 0.01).")
         if not 0 < c.target_min_multiplier <= 1.0 <= c.target_max_multiplier or c.target_max_probes < 1:
             problems.append("techniques.sdclip: need 0 < target_min_multiplier <= 1 <= target_max_multiplier "
                             "and target_max_probes >= 1.")
@@ -218,13 +229,10 @@ class SDClip(Technique):
         apply_sdclip(spec, self.k_for(name) * self._multiplier, factor)
 
     def _row_factor(self, name: str, tensor: Tensor, ctx: RunContext) -> Tensor | None:
-        from pgolf_plugins.gptq import damped_hessian
-
-        gptq = ctx.technique("gptq")
-        hessian = gptq.hessians(ctx).get(name)
+        hessian = ctx.services.calibration_hessians().get(name)
         if hessian is None:
             return None
-        diag = damped_hessian(hessian, gptq.config.damp)[0].diagonal().cpu()
+        diag = damped_hessian(hessian, self.config.hessian_damp)[0].diagonal().cpu()
         return hessian_row_factor(tensor, diag, self.config.hessian_lambda)
 
     def target_bytes(self, ctx: RunContext) -> int:
@@ -234,20 +242,12 @@ class SDClip(Technique):
     def _run_search(self, ctx: RunContext) -> None:
         start = time.perf_counter()
         export = ctx.recipe.export
-        code = code_bytes(sorted({e.cls.__module__ for e in ctx.enabled}))
-        counted_code = code.compressed if export.code_bytes == "compressed" else code.raw
         codes = sum(t.numel() for name, t in self._state.items()
                     if t.ndim == 2 and default_spec(name, t, export).scheme == "int")
 
         def measure(multiplier: float) -> int:
-            self._multiplier = multiplier
-            tensors = {}
-            for name, t in self._state.items():
-                spec = default_spec(name, t, export)
-                ctx.hook.pgolf_on_quant_spec(name=name, tensor=t, spec=spec, ctx=ctx)
-                tensors[name] = ctx.hook.pgolf_quantize_tensor(name=name, tensor=t, spec=spec, ctx=ctx)
-            blob = encode_artifact(pack(tensors, {}), export.codec, export.level, export.byte_shuffle)
-            total = len(blob) + counted_code
+            self._multiplier = multiplier  # the host's measurement re-enters pgolf_on_quant_spec
+            total = ctx.services.measure_export(self._state)
             ctx.log(f"sdclip: k x {multiplier:.4f} -> {total:,} bytes")
             return total
 

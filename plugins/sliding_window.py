@@ -14,9 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pgolf.context import RunContext
-from pgolf.evaluate import EvalWindows
-from pgolf.registry import Technique
+from pgolf.api import EvalWindows, RunContext, Technique
 
 
 def sliding_windows(num_tokens: int, seq_len: int, stride: int) -> EvalWindows:
@@ -60,7 +58,7 @@ class SlidingWindow(Technique):
     summary = "Score with overlapping windows (stride 64) so every token sees a long context; each once."
     Config = SlidingWindowConfig
     stage = "eval"
-    record = "PR #50 (SlidingWindowEval, -0.032 bpb); exactly-once rule of PR #1394"
+    follows = "PR #50 (SlidingWindowEval, -0.032 bpb); exactly-once rule of PR #1394"
 
     def window_length(self, ctx: RunContext) -> int:
         return self.config.seq_len or ctx.recipe.eval_seq_len

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pgolf.context import RunContext
-from pgolf.recipe import ModelConfig
-from pgolf.registry import Technique
+from pgolf.api import ModelConfig, RunContext, Technique
 
 
 @dataclass
@@ -33,8 +31,8 @@ class SmearGate(Technique):
     summary = "gated mix of the previous token's embedding into each token's, never across a BOS"
     Config = SmearGateConfig
     stage = "train"
-    record = ("#1667 SmearGate v2 (bundled, 1.07139); BOS fix in #1851/#1855 (#1797's leak had biased it "
-              "by +0.00255 BPB)")
+    follows = ("#1667 SmearGate v2 (bundled, 1.07139); BOS fix in #1851/#1855 (#1797's leak had biased it "
+               "by +0.00255 BPB)")
 
     def pgolf_configure(self, ctx: RunContext) -> None:
         use_smear_gate(ctx.recipe.model, self.config.bos_fix)

@@ -20,7 +20,7 @@ The adapted forward is the model's own forward with module hooks, so every archi
 is honoured. Each optimizer step records the target range it trains on with
 `TokenScores.record_update`, after the tick at which those targets were scored, so the
 score-before-update audit can prove legality; probe distributions are filled at
-`ctx.audit_positions` for the normalization audit. pgolf forms phases from documents in stream
+`scores.probe_at` for the normalization audit. pgolf forms phases from documents in stream
 order (the records take the longest documents first), so a document's score never depends on
 text that follows it and the causality audit holds too.
 """
@@ -40,10 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pgolf.context import RunContext
-from pgolf.errors import ConfigError
-from pgolf.evaluate import EvalWindows, TokenScores, batches, rank_share, score_batch
-from pgolf.registry import Technique
+from pgolf.api import ConfigError, EvalWindows, RunContext, Technique, TokenScores, batches, rank_share, score_batch
 
 LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")
 
@@ -72,23 +69,25 @@ class TTTConfig:
     phases: int = 0
     prefix_docs: int = 2000
 
-    def validate(self) -> tuple[str, str] | None:
-        positive = ("chunk_tokens", "batch_seqs", "lora_rank", "lora_chunk", "lora_batch_docs")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                return name, f"{name} must be positive"
-        if self.epochs < 0 or self.phases < 0 or self.prefix_docs < 0 or self.freeze_blocks < 0:
-            return "epochs", "epochs, phases, prefix_docs and freeze_blocks must not be negative"
-        if self.lr < 0 or self.lora_lr < 0 or self.lora_weight_decay < 0:
-            return "lr", "learning rates and weight decay must not be negative"
+    def validate(self) -> list[tuple[str, str]]:
+        """Every problem as (key, message), all reported at once."""
+        problems = [(name, f"{name} must be positive")
+                    for name in ("chunk_tokens", "batch_seqs", "lora_rank", "lora_chunk", "lora_batch_docs")
+                    if getattr(self, name) <= 0]
+        problems += [(name, f"{name} must not be negative")
+                     for name in ("epochs", "phases", "prefix_docs", "freeze_blocks") if getattr(self, name) < 0]
+        problems += [(name, f"{name} must not be negative")
+                     for name in ("lr", "lora_lr", "lora_weight_decay") if getattr(self, name) < 0]
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if unknown or not self.lora_targets:
-            return "lora_targets", f"lora_targets must be a non-empty subset of {list(LORA_TARGETS)}; got {self.lora_targets}"
+            problems.append(("lora_targets", f"lora_targets must be a non-empty subset of {list(LORA_TARGETS)}; "
+                                             f"got {self.lora_targets}"))
         if len(self.lora_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.lora_betas):
-            return "lora_betas", "lora_betas must be two numbers in [0, 1)"
-        if self.lora_context is not None and self.lora_context < self.lora_chunk:
-            return "lora_context", f"lora_context {self.lora_context} must hold at least one chunk of {self.lora_chunk}"
-        return None
+            problems.append(("lora_betas", "lora_betas must be two numbers in [0, 1)"))
+        if self.lora_context is not None and 0 < self.lora_chunk and self.lora_context < self.lora_chunk:
+            problems.append(("lora_context", f"lora_context {self.lora_context} must hold at least one chunk of "
+                                             f"{self.lora_chunk}"))
+        return problems
 
 
 # --- schedules and bookkeeping -------------------------------------------------------------
@@ -230,12 +229,15 @@ class ChunkedSGDScorer:
         self.cfg, self.stats = cfg, stats
         self.audit_tokens = 4 * cfg.chunk_tokens + 1  # causality cuts land after the first update
 
+    def windows_for(self, windows: EvalWindows, tokens: np.ndarray, ctx: RunContext) -> EvalWindows:
+        return windows  # scores the windows it is given, chunk by chunk
+
     def __call__(self, model: nn.Module, scores: TokenScores, windows: EvalWindows, ctx: RunContext) -> None:
         start = time.perf_counter()
         owner, count, last_target = chunk_plan(windows, self.cfg.chunk_tokens)
         trainer = ScoredRangeSGD(model, self.cfg, ctx.recipe.train.seq_len, self.stats)
         batch_tokens = max(ctx.recipe.eval.batch_tokens // max(ctx.dist.world_size, 1), windows.seq_len)
-        probes = set(ctx.audit_positions)
+        probes = set(scores.probe_at)
         model.eval()
         for ci in range(count):
             members = np.flatnonzero(owner == ci)
@@ -404,14 +406,21 @@ class DocumentLoRAScorer:
         self.cfg, self.stats = cfg, stats
         self.audit_tokens = 4 * cfg.chunk_tokens + 1 if cfg.phases else 0  # room for a global pass
 
+    def context(self, ctx: RunContext) -> int:
+        return self.cfg.lora_context or ctx.recipe.eval_seq_len
+
+    def windows_for(self, windows: EvalWindows, tokens: np.ndarray, ctx: RunContext) -> EvalWindows:
+        """Every document chunk in its own window (the given windows are not used)."""
+        starts, ends = document_spans(tokens, ctx.data.bos_id)
+        return document_windows(starts, ends, self.cfg.lora_chunk, self.context(ctx))
+
     def __call__(self, model: nn.Module, scores: TokenScores, windows: EvalWindows, ctx: RunContext) -> None:
         start = time.perf_counter()
         cfg = self.cfg
-        context = cfg.lora_context or ctx.recipe.eval_seq_len
-        starts, ends = document_spans(scores.tokens, ctx.dataset.bos_id if ctx.data is not None else 1)
-        scores.windows = document_windows(starts, ends, cfg.lora_chunk, context)
+        context = self.context(ctx)
+        starts, ends = document_spans(scores.tokens, ctx.data.bos_id)
         lora = LoRAModel(model, cfg, ctx.recipe.seed)
-        probes = set(ctx.audit_positions)
+        probes = set(scores.probe_at)
         # boundaries are fixed document counts: whether a phase ends never depends on how many
         # documents follow (a stream with fewer documents simply never reaches it)
         bounds = phase_boundaries(cfg.prefix_docs, cfg.phases) if cfg.phases else []
@@ -496,7 +505,7 @@ class TTT(Technique):
     summary = "Legal score-first test-time training: chunked full-parameter SGD or per-document LoRA."
     Config = TTTConfig
     stage = "eval"
-    record = ("PR #549/#1413/#1493 (chunked SGD, -0.002 bpb); PR #77/#1530 (document LoRA); "
+    follows = ("PR #549/#1413/#1493 (chunked SGD, -0.002 bpb); PR #77/#1530 (document LoRA); "
               "PR #1610/#1626 (phased)")
 
     def _stats(self, ctx: RunContext) -> TTTStats:
@@ -508,7 +517,7 @@ class TTT(Technique):
     def pgolf_contribute_config_errors(self, ctx: RunContext) -> list[str]:
         cfg, errors = self.config, []
         seq_len = ctx.recipe.train.seq_len
-        if cfg.mode == "lora" and ctx.is_enabled("sliding_window"):
+        if cfg.mode == "lora" and "sliding_window" in ctx.recipe.techniques:
             errors.append("ttt mode lora scores every document chunk in its own window (ttt.lora_context), so "
                           "sliding_window would have no effect; remove sliding_window or use ttt mode sgd.")
         if (cfg.mode == "sgd" or cfg.phases) and cfg.chunk_tokens < seq_len:

@@ -4,16 +4,14 @@ The LR multiplier is 1 until the last `frac` of the training budget, then falls 
 0 but never below `min_lr_scale`: ``max((1 - progress) / frac, min_lr_scale)``, where progress is
 the elapsed fraction of the wallclock (or step / iterations with ``--steps``). #1787: the floor
 "... so the final ~25% of training continues to deliver useful gradient updates". The schedule
-itself is the host's `pgolf.train.lr_multiplier`.
+itself is the host's (`pgolf.loop.lr_multiplier`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pgolf.context import RunContext
-from pgolf.recipe import TrainConfig
-from pgolf.registry import Technique
+from pgolf.api import RunContext, Technique, TrainConfig
 
 
 @dataclass
@@ -40,8 +38,8 @@ class Warmdown(Technique):
     summary = "linear warmdown over the last 75% of the budget to a floor of 10% of the LR"
     Config = WarmdownConfig
     stage = "train"
-    record = ("#1787 WARMDOWN_FRAC 0.75 + MIN_LR 0.10 (bundled, -0.00214 BPB vs #1736); #1493 frac 0.72; "
-              "#1855 frac 0.85")
+    follows = ("#1787 WARMDOWN_FRAC 0.75 + MIN_LR 0.10 (bundled, -0.00214 BPB vs #1736); #1493 frac 0.72; "
+               "#1855 frac 0.85")
 
     def pgolf_configure(self, ctx: RunContext) -> None:
         use_warmdown(ctx.recipe.train, self.config.frac, self.config.min_lr_scale)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pgolf.context import RunContext
-from pgolf.recipe import ModelConfig
-from pgolf.registry import Technique
+from pgolf.api import ModelConfig, RunContext, Technique
 
 
 @dataclass
@@ -35,8 +33,8 @@ class XSA(Technique):
     summary = "exclusive self-attention: drop each head output's component along the token's own value"
     Config = XSAConfig
     stage = "train"
-    record = ("#1019 on all 11 layers (PR #638: -0.006 BPB vs last 4); #287 last 4 (with EMA 1.1318 -> 1.1271); "
-              "#265 last 3 (~0.002 BPB)")
+    follows = ("#1019 on all 11 layers (PR #638: -0.006 BPB vs last 4); #287 last 4 (with EMA 1.1318 -> 1.1271); "
+               "#265 last 3 (~0.002 BPB)")
 
     def pgolf_configure(self, ctx: RunContext) -> None:
         use_xsa(ctx.recipe.model, self.config.last_n)

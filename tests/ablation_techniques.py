@@ -1,7 +1,8 @@
 """Techniques for the ablation tests, one per stage, named in recipes as "tests.ablation_techniques:Class".
 
 They live outside the test modules so worker processes and CLI subprocesses import them
-without pytest's conftest (which would point the data cache elsewhere).
+without pytest's conftest (which would point the data cache elsewhere). Like every technique they
+import only `pgolf.api`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.evaluate import EvalWindows, plain_windows
-from pgolf.registry import Technique
+from pgolf.api import EvalWindows, Technique, plain_windows
 
 MODULE = "tests.ablation_techniques"
 
@@ -96,7 +96,11 @@ class ReserveConfig:
 
 
 class Reserve(Technique):
-    """Export stage that takes seconds off a wallclock cap (as GPTQ calibration does)."""
+    """Export stage that takes seconds off a wallclock cap (as GPTQ calibration does).
+
+    For planning tests only: its one hook is a train-stage ``contribute`` hook, so in a run it
+    never acts at its own stage and the run fails ("never acted"), as it should.
+    """
 
     name = "reserve"
     summary = "test technique: a train-time reserve"

@@ -6,8 +6,10 @@ The embedded corpus and its tokenizer are built once per session into a temporar
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,13 +21,34 @@ TOKENIZERS = Path(os.environ.get("PGOLF_TOKENIZERS_DIR") or REPO.parent / "share
 _SESSION_CACHE = os.environ.get("PGOLF_TEST_CACHE_DIR") or tempfile.mkdtemp(prefix="pgolf-test-cache-")
 os.environ["PGOLF_CACHE_DIR"] = _SESSION_CACHE
 
-# A run small enough for a unit test (seconds on 2 CPU cores), applied on top of --scale tiny.
-MICRO = [
-    "model.num_layers=2", "model.model_dim=64", "model.num_heads=2", "model.num_kv_heads=1",
-    "train.seq_len=64", "train.batch_tokens=1024", "train.warmup_steps=1", "train.iterations=3",
-    "train.max_wallclock_seconds=0", "train.log_every=1", "eval.batch_tokens=4096", "eval.max_tokens=4097",
-    "eval.audit_positions=4", "export.keep_float_max_numel=1024",
-]
+from pgolf.testing import MICRO  # noqa: E402  (after the cache is set: one list for pgolf's tests and third parties)
+from pgolf.testing import micro_recipe as _micro_recipe  # noqa: E402
+
+__all__ = ["MICRO", "REPO", "TOKENIZERS", "official_tokenizer", "pinned_thread_env", "pinned_threads"]
+
+
+# Tests that compare a run in this process with a run in other processes (torchrun ranks) assert
+# bit identity, and CPU reductions split work by the intra-op thread count: both sides run on
+# this many threads, whatever the machine's core count or the caller's environment.
+PINNED_THREADS = 1
+
+
+def pinned_thread_env() -> dict[str, str]:
+    """The environment variables that give a child process PINNED_THREADS intra-op threads."""
+    return {"OMP_NUM_THREADS": str(PINNED_THREADS), "MKL_NUM_THREADS": str(PINNED_THREADS)}
+
+
+@contextlib.contextmanager
+def pinned_threads() -> Iterator[None]:
+    """Run this process's torch ops on PINNED_THREADS threads, restoring the previous count after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(PINNED_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def official_tokenizer(name: str) -> Path:
@@ -37,12 +60,5 @@ def official_tokenizer(name: str) -> Path:
 
 @pytest.fixture
 def micro_recipe():
-    """Build a micro-sized recipe (baseline + tiny scale + MICRO + overrides)."""
-    from pgolf.recipe import load_recipe
-
-    def make(*overrides: str, techniques: dict | None = None, recipe: Path = REPO / "recipes" / "baseline.yaml"):
-        r = load_recipe(recipe, [*MICRO, *overrides], scale="tiny")
-        r.techniques.update(techniques or {})  # names like "module:Class" cannot go through dotted overrides
-        return r
-
-    return make
+    """Build a micro-sized recipe (baseline + tiny scale + MICRO + overrides): `pgolf.testing.micro_recipe`."""
+    return _micro_recipe

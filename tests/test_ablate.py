@@ -14,11 +14,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pgolf.ablation import AblationSpec, Arm, design_arms, is_spec_file, load_spec, plan_ablation, run_ablation
 from pgolf.cli import app
 from pgolf.errors import ConfigError, PgolfError
-from pgolf.lifecycle import run_recipe
+from pgolf.host import run as run_recipe
 from pgolf.reporter import Reporter
+from pgolf.study.designs import Arm, design_arms
+from pgolf.study.plan import plan_ablation
+from pgolf.study.scheduler import run_ablation
+from pgolf.study.spec import AblationSpec, is_spec_file, load_spec
 from tests.ablation_techniques import MODULE
 from tests.conftest import MICRO, REPO
 
@@ -63,6 +66,7 @@ def test_designs_list_their_arms_baseline_first():
     assert Arm(()).id == "none" and Arm(("x:Y",)).slug == "x_Y"
 
 
+@pytest.mark.slow
 def test_stage_keys_follow_the_stage_each_toggle_changes(tmp_path):
     plan = plan_ablation(micro_spec(tmp_path, [SHRINK, BITS, STRIDE], seeds=(1, 2)))
     keys = {(r.arm.on, r.seed): r.keys for r in plan.runs}
@@ -99,11 +103,15 @@ def test_a_reserve_changes_the_training_key_only_under_a_wallclock_cap(tmp_path)
 
 def test_only_modules_that_make_outputs_enter_the_source_hash():
     import pgolf
-    from pgolf.stagecache import NOT_IN_OUTPUTS
+    from pgolf.study.cache import NOT_IN_OUTPUTS
 
     package = Path(pgolf.__file__).parent
-    assert all((package / name).is_file() for name in NOT_IN_OUTPUTS)  # a renamed module must be listed again
-    assert {"lifecycle.py", "train.py", "model.py", "quant.py", "evaluate.py"}.isdisjoint(NOT_IN_OUTPUTS)
+    for pattern in NOT_IN_OUTPUTS:  # a renamed module must be listed again
+        assert list(package.glob(pattern)), pattern
+    from pgolf.study.cache import pgolf_source_hash
+
+    assert {"host.py", "loop.py", "model.py", "quant.py", "scores.py", "products.py"}.isdisjoint(NOT_IN_OUTPUTS)
+    assert pgolf_source_hash()
 
 
 def test_a_technique_acting_before_its_declared_stage_is_refused(tmp_path):
@@ -127,6 +135,7 @@ def study(tmp_path_factory):
     return spec, out, summary
 
 
+@pytest.mark.slow
 def test_each_distinct_training_key_trains_once_and_toggles_reuse_earlier_stages(study):
     _, out, summary = study
     # per seed: none, fewer_bits and half_stride share a checkpoint; none and half_stride share an artifact
@@ -137,10 +146,11 @@ def test_each_distinct_training_key_trains_once_and_toggles_reuse_earlier_stages
     assert runs[(STRIDE, 1)]["stages"] == {"train": "reused", "export": "reused", "eval": "ran"}
     assert runs[(BITS, 2)]["stages"] == {"train": "reused", "export": "ran", "eval": "ran"}
     assert runs[(SHRINK, 1)]["stages"] == {"train": "ran", "export": "ran", "eval": "ran"}
-    assert len(list((out / "cache" / "train").glob("*/model.pt"))) == 4
+    assert len(list((out / "cache" / "train").glob("*/final_model.pt"))) == 4
     assert len(list((out / "runs").glob("*.json"))) == 8
 
 
+@pytest.mark.slow
 def test_reused_stages_give_what_pgolf_run_gives(study, micro_recipe, tmp_path):
     _, _, summary = study
     runs = by_arm_seed(summary)
@@ -207,6 +217,7 @@ def test_report_draws_a_plot(study, tmp_path):
 # --- failures ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_recorded_marked_and_retried_only_when_asked(tmp_path):
     marker = tmp_path / "fixed"
     spec = micro_spec(tmp_path, [FAILS], techniques={FAILS: {"unless_file": str(marker)}})
@@ -263,6 +274,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and relies on PR_SET_PDEATHSIG")
 def test_kill_9_then_the_same_command_resumes_without_recomputing(tmp_path):
     recipe = write_recipe(tmp_path)

@@ -9,8 +9,8 @@ import json
 import pytest
 from rich.console import Console
 
-from pgolf import stats
-from pgolf.ablation_report import analyse, render_csv, render_json, render_markdown, render_table, table_rows
+from pgolf.study import stats
+from pgolf.study.report import analyse, render_csv, render_json, render_markdown, render_table, table_rows
 
 SEEDS = (42, 314, 999)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from pgolf.bpb import build_byte_tables, loss_and_bpb, nats_to_bpb, stream_bytes
+from pgolf.data.bpb import build_byte_tables, loss_and_bpb, nats_to_bpb, stream_bytes
 from tests.conftest import official_tokenizer
 
 ASCII_TEXTS = [

@@ -11,15 +11,16 @@ import sentencepiece as spm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgolf import shards
-from pgolf.bpb import build_byte_tables, stream_bytes
-from pgolf.corpus import embedded_documents, is_validation_document
-from pgolf.data import ensure_embedded_dataset, load_dataset
+from pgolf.data import shards
+from pgolf.data.bpb import build_byte_tables, stream_bytes
+from pgolf.data.corpus import embedded_documents, is_validation_document
+from pgolf.data.dataset import ensure_embedded_dataset, load_dataset
+from pgolf.data.textdata import build_dataset, read_manifest
+from pgolf.data.tokenizer import BOS_ID, text_normalizer
 from pgolf.errors import ConfigError, DataError
-from pgolf.lifecycle import Session, run_recipe
+from pgolf.host import Session, run
+from pgolf.registry import transform_by_name
 from pgolf.reporter import Reporter
-from pgolf.textdata import build_dataset, read_manifest, transform_by_name
-from pgolf.tokenizer import BOS_ID, text_normalizer
 from pgolf_plugins.casefold import (
     ALLCAPS,
     CAPNEXT,
@@ -333,7 +334,7 @@ def scored_bytes(val_bytes: np.ndarray, seq_len: int) -> int:
 def test_run_on_casefold_shards(casefold_shards, micro_recipe, tmp_path):
     recipe = micro_recipe(f"data.dir={json.dumps(str(casefold_shards))}", "eval.max_tokens=null",
                           techniques={"casefold": {}})
-    result = run_recipe(recipe, tmp_path, QUIET)
+    result = run(recipe, tmp_path, QUIET)
     assert result["valid"], result["failed_audits"]
     ds = load_dataset(casefold_shards, None, 1024, CaseOpsTransform())
     assert int(ds.val_bytes.sum()) == read_manifest(casefold_shards)["val_original_bytes"]
@@ -356,7 +357,7 @@ def test_casefold_refuses_plain_shards_before_anything_runs(micro_recipe, tmp_pa
 @pytest.mark.slow
 def test_casefold_run_is_valid_and_charges_the_original_bytes(micro_recipe, tmp_path):
     recipe = micro_recipe("eval.max_tokens=null", techniques={"casefold": {}})
-    result = run_recipe(recipe, tmp_path, QUIET)
+    result = run(recipe, tmp_path, QUIET)
     assert result["valid"], result["failed_audits"]
     canonical = text_normalizer()
     val = [canonical(d) for d in embedded_documents() if is_validation_document(d)]
@@ -369,7 +370,7 @@ def test_casefold_run_is_valid_and_charges_the_original_bytes(micro_recipe, tmp_
 
 @pytest.mark.slow
 def test_lowercase_mode_runs_but_is_marked_invalid(micro_recipe, tmp_path):
-    result = run_recipe(micro_recipe(techniques={"casefold": {"mode": "lowercase"}}), tmp_path, QUIET)
+    result = run(micro_recipe(techniques={"casefold": {"mode": "lowercase"}}), tmp_path, QUIET)
     assert result["failed_audits"] == ["byte_accounting"]
     assert "lossy" in result["compliance"]["byte_accounting"]["detail"]["reason"]
 

@@ -24,6 +24,7 @@ def micro_flags() -> list[str]:
     return [flag for item in keep for flag in ("--set", item)]
 
 
+@pytest.mark.slow
 def test_run_end_to_end_through_the_cli(tmp_path):
     out = tmp_path / "run"
     # best's techniques sized to MICRO's 2 layers and 64-token windows
@@ -39,9 +40,22 @@ def test_run_end_to_end_through_the_cli(tmp_path):
 
 
 def test_plugins_lists_json():
+    from pgolf.hookspecs import HOOK_STAGES
+    from pgolf.registry import describe, known_names, load_technique_class
+    from pgolf_plugins import BUILTINS
+
     proc = pgolf("plugins", "--json")
-    assert proc.returncode == 0
-    assert isinstance(json.loads(proc.stdout), list)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    by_key = {row["key"]: row for row in rows}
+    assert len(by_key) == len(rows) and set(by_key) == set(known_names()) >= set(BUILTINS)
+    for key in BUILTINS:
+        row, cls = by_key[key], load_technique_class(key)
+        assert row["name"] == key and row["module"] == cls.__module__ and row["summary"] == cls.summary
+        assert row["stage"] == cls.stage and cls.stage in ("train", "export", "eval"), key
+        assert row["hooks"] == cls.hook_names() and row["hooks"], key
+        assert set(row["hooks"]) <= set(HOOK_STAGES), key  # every listed hook is a real hook
+        assert row == json.loads(json.dumps(describe(cls) | {"key": key}))
 
 
 @pytest.mark.parametrize(

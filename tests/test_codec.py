@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
-from pgolf.artifact import FILE_MAGIC
-from pgolf.codecs import CODEC_IDS, compress, decompress
+from pgolf.artifact import BODY_OFFSET, FILE_MAGIC
+from pgolf.codecs import CODEC_IDS, DEFAULT_LEVELS, compress, decompress
 from pgolf.errors import ConfigError
-from pgolf.lifecycle import Session
+from pgolf.host import Session
 from pgolf.recipe import ExportConfig
 from pgolf.reporter import Reporter
-from pgolf_plugins.codec import CodecConfig, configure_export
+from pgolf_plugins.codec import LEVEL_RANGES, CodecConfig, configure_export
 from tests.micro_training import export_with, stored_tensors, train_micro
 
 QUIET = Reporter(quiet=True)
@@ -24,6 +26,26 @@ def test_configure_writes_the_export_section():
     assert (export.codec, export.level, export.byte_shuffle) == ("lzma", 6, 0)
 
 
+def test_none_is_the_hosts_strongest_level():
+    """The plugin's own ranges end at the level the host runs for `level: None`."""
+    assert {codec: high for codec, (_, high) in LEVEL_RANGES.items()} == DEFAULT_LEVELS
+
+
+def test_settings_equal_to_the_recipe_leave_it_untouched():
+    export = ExportConfig()  # zlib, level None (= 9), no shuffle
+    configure_export(export, CodecConfig(codec="zlib", level=9, byte_shuffle=0))
+    assert (export.codec, export.level, export.byte_shuffle) == ("zlib", None, 0)
+
+
+@pytest.mark.parametrize(("params", "acts"), [({}, True), ({"codec": "zlib", "byte_shuffle": 0}, False),
+                                              ({"codec": "zlib", "level": 9, "byte_shuffle": 0}, False),
+                                              ({"codec": "zlib", "level": 6, "byte_shuffle": 0}, True)])
+def test_a_codec_that_changes_nothing_does_not_count_as_acting(micro_recipe, params, acts):
+    """The baseline exports zlib-9 unshuffled: asking for that again is a no-op the run reports as silent."""
+    session = Session(micro_recipe(techniques={"codec": params}), reporter=QUIET)
+    assert ("codec" in session.trace.configured) == acts
+
+
 @pytest.fixture(scope="module")
 def trained():
     return train_micro()
@@ -34,8 +56,9 @@ def test_artifact_is_the_real_codec_output(micro_recipe, trained, codec, shuffle
     _, exported = export_with(micro_recipe(techniques={"codec": {"codec": codec, "byte_shuffle": shuffle}}), trained)
     blob = exported.blob
     assert blob[:4] == FILE_MAGIC and blob[4] == CODEC_IDS[codec] and blob[5] == shuffle
-    payload = decompress(blob[6:], codec, shuffle)
-    assert blob[6:] == compress(payload, codec, None, shuffle)  # recompressing reproduces the stored bytes
+    payload = decompress(blob[BODY_OFFSET:], codec, shuffle)  # after the payload's SHA-256
+    assert blob[BODY_OFFSET:] == compress(payload, codec, None, shuffle)  # recompressing reproduces the stored bytes
+    assert blob[6:BODY_OFFSET] == hashlib.sha256(payload).digest()
     assert exported.info["bytes_model"] == len(blob) and exported.info["codec"] == codec
 
 

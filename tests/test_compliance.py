@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pgolf import compliance
-from pgolf.data import DataLedger
-from pgolf.evaluate import TokenScores, plain_windows
+from pgolf.data.dataset import DataLedger
+from pgolf.scores import TokenScores, plain_windows
 
 
 def scores_with_probe(logp: np.ndarray, target: int) -> TokenScores:

@@ -1,5 +1,7 @@
-"""Every registered technique passes the same table: a micro run completes, its hooks fire, the
-artifact round-trips to the same score, and its config round-trips through the recipe."""
+"""Every registered technique passes the same table: a micro run completes, the technique acts (a
+hook of its declared stage or a later one fires, or its configure changes the recipe: the host's
+rule, so a technique whose hooks all fire too early fails here), the artifact round-trips to the
+same score, and its config round-trips through the recipe."""
 
 from __future__ import annotations
 
@@ -7,10 +9,17 @@ import json
 
 import pytest
 
-from pgolf.config import to_plain
-from pgolf.evalonly import evaluate_target
-from pgolf.lifecycle import run_recipe
-from pgolf.registry import describe, known_names, load_technique_class, resolve
+from pgolf.config import Provenance, to_plain
+from pgolf.host import evaluate_target, run
+from pgolf.registry import (
+    Trace,
+    check_declared_stages,
+    describe,
+    known_names,
+    load_technique_class,
+    resolve,
+    silent_techniques,
+)
 from pgolf.reporter import Reporter
 from tests.conformance_settings import micro_cases, settings_for
 
@@ -29,6 +38,12 @@ def test_metadata_is_complete(name):
         assert isinstance(other, str) and other != name
 
 
+@pytest.mark.parametrize(("name", "variant"), micro_cases(TECHNIQUES),
+                         ids=[f"{n}[{v}]" if v else n for n, v in micro_cases(TECHNIQUES)])
+def test_no_hook_changes_a_stage_before_the_declared_one(name, variant):
+    check_declared_stages(resolve({name: settings_for(name, variant)["params"]}), Provenance())
+
+
 @pytest.mark.parametrize("name", TECHNIQUES)
 def test_config_round_trips_through_a_recipe(name):
     params = settings_for(name)["params"]
@@ -39,13 +54,17 @@ def test_config_round_trips_through_a_recipe(name):
 
 @pytest.mark.parametrize(("name", "variant"), micro_cases(TECHNIQUES),
                          ids=[f"{n}[{v}]" if v else n for n, v in micro_cases(TECHNIQUES)])
-def test_micro_run_fires_hooks_and_round_trips(name, variant, micro_recipe, tmp_path):
+def test_micro_run_acts_and_round_trips(name, variant, micro_recipe, tmp_path):
     s = settings_for(name, variant)
     recipe = micro_recipe(*s["overrides"], techniques={name: s["params"]})
-    result = run_recipe(recipe, tmp_path, QUIET)
+    result = run(recipe, tmp_path, QUIET)  # raises when an enabled technique never acted
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    fired = manifest["trace"].get(name, {})
-    assert sum(h["calls"] for h in fired.values()) > 0
+    trace = Trace()
+    trace.merge(manifest["trace"])
+    trace.configured = set(manifest["configured_recipe"])
+    enabled = resolve({name: s["params"]})
+    assert [t["stage"] for t in manifest["techniques"]] == [enabled[0].stage]
+    assert silent_techniques(enabled, trace) == [], manifest["trace"].get(name, {})
     failed = set(result["failed_audits"])
     assert failed == s["invalid_audits"], result["compliance"]
     again = evaluate_target(tmp_path, log=lambda m: None)

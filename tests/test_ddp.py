@@ -25,29 +25,35 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from pgolf.lifecycle import run_recipe
+from pgolf.host import run
 from pgolf.reporter import Reporter
-from tests.conftest import MICRO, REPO
+from tests.conftest import MICRO, REPO, pinned_thread_env, pinned_threads
 
 # Full learning rate, so three steps move the weights well past the int8 grid.
 DDP_MICRO = [*MICRO, "train.warmdown_iters=0"]
-RUN_FILES = {"config.yaml", "manifest.json", "metrics.jsonl", "log.txt", "result.json", "artifact.pga", "final_model.pt"}
+RUN_FILES = {"config.yaml", "manifest.json", "metrics.jsonl", "log.txt", "result.json", "artifact.pga", "final_model.pt",
+             "train.json", "export.json"}
 
 
 def torchrun_micro(out, *overrides: str) -> subprocess.CompletedProcess:
+    """A 2-rank micro run; each rank on the thread count `pinned_threads` gives this process (torchrun
+    only defaults OMP_NUM_THREADS to 1 when the caller's environment leaves it unset)."""
     flags = [f for item in [*DDP_MICRO, *overrides] for f in ("--set", item)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **pinned_thread_env()}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "pgolf", "run", "recipes/baseline.yaml", "--scale", "tiny", *flags, "--out", str(out)],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process_bit_for_bit(micro_recipe, tmp_path):
-    single = run_recipe(micro_recipe("train.warmdown_iters=0", "train.grad_accum_steps=2"), tmp_path / "world1",
-                        Reporter(quiet=True))
+    with pinned_threads():
+        single = run(micro_recipe("train.warmdown_iters=0", "train.grad_accum_steps=2"), tmp_path / "world1",
+                     Reporter(quiet=True))
     out = tmp_path / "world2"
     proc = torchrun_micro(out, "train.grad_accum_steps=1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from pgolf.api import Technique
 from pgolf.errors import ConfigError
-from pgolf.lifecycle import run_recipe
-from pgolf.registry import Technique, resolve
+from pgolf.host import run
+from pgolf.registry import resolve
 from pgolf.reporter import Reporter
 from pgolf_plugins.ema import ExponentialAverage, SnapshotAverage, float_state, load_average, swa_collects
 
@@ -112,7 +113,7 @@ def _copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def test_export_sees_the_ema_weights(micro_recipe, tmp_path):
-    run_recipe(micro_recipe(techniques={"ema": {"decay": 0.6}, f"{M}:WeightProbe": {}}), tmp_path, QUIET)
+    run(micro_recipe(techniques={"ema": {"decay": 0.6}, f"{M}:WeightProbe": {}}), tmp_path, QUIET)
     seen = WeightProbe.seen
     raw = seen["steps"][-1]
     assert set(seen["export"]) == set(seen["shadow"]) == set(raw)
@@ -128,7 +129,7 @@ def test_ema_runs_on_through_loop_activation(micro_recipe, tmp_path):
     decay = 0.7
     techniques = {"ema": {"decay": decay}, f"{M}:WeightProbe": {},
                   "recurrence": {"loop_start": 0, "loop_end": 1, "num_loops": 1, "enable_at": 0.5, "untie_mlp": True}}
-    run_recipe(micro_recipe("train.iterations=6", techniques=techniques), tmp_path, QUIET)
+    run(micro_recipe("train.iterations=6", techniques=techniques), tmp_path, QUIET)
     seen = WeightProbe.seen
     assert seen["plans"] == [False, False, False, True, True, True]
     expected = {k: v.clone() for k, v in seen["start"].items()}
@@ -141,7 +142,7 @@ def test_ema_runs_on_through_loop_activation(micro_recipe, tmp_path):
 
 def test_swa_mode_applies_the_snapshot_mean(micro_recipe, tmp_path):
     techniques = {"ema": {"mode": "swa", "swa_every": 2, "swa_start_scale": 2.0}, f"{M}:WeightProbe": {}}
-    result = run_recipe(micro_recipe("train.iterations=4", techniques=techniques), tmp_path, QUIET)
+    result = run(micro_recipe("train.iterations=4", techniques=techniques), tmp_path, QUIET)
     seen = WeightProbe.seen
     assert result["metrics"]["averaging"] == {"mode": "swa", "averaged": 2, "blend": 1.0, "applied": True}
     for name, value in seen["export"].items():

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.bpb import loss_and_bpb
 from pgolf.context import RunContext
-from pgolf.evaluate import TokenScores, WindowScorer, batches, plain_windows
+from pgolf.data.bpb import loss_and_bpb
 from pgolf.model import GPT
 from pgolf.recipe import ModelConfig, Recipe
+from pgolf.scores import TokenScores, WindowScorer, batches, plain_windows
 
 
 def test_plain_windows_follow_the_challenge_truncation():

@@ -12,10 +12,10 @@ import shutil
 import numpy as np
 import pytest
 
-from pgolf.data import ensure_embedded_dataset
-from pgolf.lifecycle import run_recipe
+from pgolf.data.dataset import ensure_embedded_dataset
+from pgolf.data.shards import VAL_GLOB, list_shards, read_shard, write_split
+from pgolf.host import run
 from pgolf.reporter import Reporter
-from pgolf.shards import VAL_GLOB, list_shards, read_shard, write_split
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def sidecar_dir(tmp_path_factory):
 def test_eval_paths_divide_by_the_sidecar_bytes(sidecar_dir, techniques, micro_recipe, tmp_path):
     directory, sidecar = sidecar_dir
     recipe = micro_recipe(f"data.dir={directory}", techniques=techniques)
-    result = run_recipe(recipe, tmp_path, Reporter(quiet=True))
+    result = run(recipe, tmp_path, Reporter(quiet=True))
     assert result["val_tokens"] == 4096  # every target of the 4,097-token stream, once
     assert result["val_bytes"] == int(sidecar[1:4097].sum())
     assert result["compliance"]["byte_accounting"]["detail"]["byte_source"] == "sidecar"

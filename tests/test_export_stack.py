@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from pgolf.lifecycle import Session
+from pgolf.host import Session
 from pgolf.registry import resolve
 from tests.micro_training import QUIET, export_with, stored_tensors, train_micro
 

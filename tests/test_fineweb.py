@@ -1,6 +1,6 @@
 """`pgolf data fineweb` against a dataset repository laid out like the challenge's, on local disk.
 
-The fixture writes the export's layout itself (manifest.json, shards through pgolf.shards, the
+The fixture writes the export's layout itself (manifest.json, shards through pgolf.data.shards, the
 official tokenizer when ../shared/tokenizers has it, else the embedded corpus's), and the fetch
 reads it through `LocalRepository`, the same code path the Hub source feeds. No network.
 """
@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pgolf import shards
-from pgolf.data import ensure_embedded_dataset, load_dataset
+from pgolf.data import shards
+from pgolf.data.dataset import ensure_embedded_dataset, load_dataset
+from pgolf.data.fineweb import HubRepository, LocalRepository, fetch_fineweb, source_for
 from pgolf.errors import DataError
-from pgolf.fineweb import HubRepository, LocalRepository, fetch_fineweb, source_for
 from tests.conftest import REPO, TOKENIZERS
 from tests.test_cli import micro_flags, pgolf
 
@@ -30,7 +30,7 @@ DATASET = "fineweb10B_sp1024"
 
 def write_repository(root: Path) -> Path:
     """A miniature of the challenge's export: root/datasets/{manifest.json, datasets/, tokenizers/}."""
-    from pgolf.tokenizer import load_tokenizer
+    from pgolf.data.tokenizer import load_tokenizer
 
     official = TOKENIZERS / "fineweb_1024_bpe.model"
     embedded = ensure_embedded_dataset(1024)
@@ -186,6 +186,7 @@ def test_the_hub_source_without_huggingface_hub_names_the_extra(monkeypatch):
         source_for("willdepueoai/parameter-golf", None)
 
 
+@pytest.mark.slow
 def test_cli_fetch_then_run_needs_no_tokenizer_flag(repository, tmp_path):
     out = tmp_path / "fineweb"
     proc = pgolf("data", "fineweb", "--variant", "sp1024", "--train-shards", "1", "--local-repo", str(repository),

@@ -1,5 +1,5 @@
-"""GPTQ: the functional core (factor, codes, spec honouring), Hessian collection, self-generation,
-and the plugin's calibration inside the training budget."""
+"""GPTQ: the functional core (factor, codes, spec honouring), Hessian collection (the host's, in
+pgolf.calibration), self-generation, and the plugin's calibration inside the training budget."""
 
 from __future__ import annotations
 
@@ -8,22 +8,16 @@ import json
 import pytest
 import torch
 
+from pgolf.calibration import HessianCollector, collect_hessians
+from pgolf.context import DataView, RunContext
 from pgolf.errors import ConfigError
-from pgolf.lifecycle import Session, run_recipe
+from pgolf.host import Session, export_stage, load_data, run, train_stage
 from pgolf.model import GPT
 from pgolf.quant import QuantSpec, dequantize, quantize_rows, quantize_rtn
 from pgolf.recipe import ModelConfig
 from pgolf.reporter import Reporter
-from pgolf_plugins.gptq import (
-    HessianCollector,
-    collect_hessians,
-    factorize,
-    gptq_codes,
-    gptq_quantize,
-    self_generate,
-    spec_scales,
-)
-from tests.micro_training import stored_tensors
+from pgolf_plugins.gptq import GPTQ, GPTQConfig, factorize, gptq_codes, gptq_quantize, self_generate, spec_scales
+from tests.micro_training import stored_tensors, technique
 
 QUIET = Reporter(quiet=True)
 
@@ -215,6 +209,56 @@ def test_self_generation_samples_from_the_model():
     assert torch.equal(cold, greedy)  # near-zero temperature is greedy decoding
 
 
+class FakeServices:
+    """Stands in for the host's services: fixed calibration Hessians, counting requests."""
+
+    def __init__(self, hessians):
+        self.hessians, self.requests = hessians, 0
+
+    def calibration_hessians(self):
+        self.requests += 1
+        return self.hessians
+
+
+def test_self_generated_batches_are_the_models_own_text_from_bos(micro_recipe):
+    recipe = micro_recipe()
+    config = GPTQConfig(calibration="self_generated", self_gen_sequences=5, self_gen_seq_len=6, self_gen_batch=2)
+    plugin = GPTQ(config)
+    ctx = RunContext(recipe, torch.device("cpu"), data=DataView(bos_id=3, vocab_size=64))
+    model = tiny_gpt(2)
+    batches = plugin.pgolf_provide_calibration_batches(model, ctx)
+    assert [tuple(b.shape) for b in batches] == [(2, 6), (2, 6), (1, 6)]
+    expected = self_generate(model, 5, 6, 0.8, seed=recipe.seed, bos_id=3, device=torch.device("cpu"),
+                             batch_size=2, context_len=recipe.train.seq_len)
+    assert torch.equal(torch.cat(batches), expected)
+    assert plugin.pgolf_contribute_metrics(ctx)["gptq_calibration_tokens"] == 5 * 6
+
+
+def test_the_plugin_quantizes_against_the_hosts_hessians_once_per_export(micro_recipe):
+    torch.manual_seed(6)
+    x = correlated_inputs(300, 64)
+    h = x.T @ x / 300
+    w = torch.randn(16, 64)
+    services = FakeServices({"w": h})
+    ctx = RunContext(micro_recipe(), torch.device("cpu"), services=services)
+    plugin = GPTQ(GPTQConfig(calibration="self_generated"))
+    plugin.pgolf_on_export_start(tiny_gpt(2), ctx)
+    assert services.requests == 0  # self-generated calibration stays lazy
+    qt = plugin.pgolf_quantize_tensor("w", w, sigma_spec(), ctx)
+    assert torch.equal(qt.parts["q"], gptq_quantize(w, factorize(h), sigma_spec()).parts["q"])
+    assert plugin.pgolf_quantize_tensor("w", w, sigma_spec(), ctx) is qt  # memo: the same spec again
+    assert plugin.pgolf_quantize_tensor("other", w, sigma_spec(), ctx) is None  # no Hessian: RTN
+    assert services.requests == 1 and len(plugin._factors) == 1
+    plugin.pgolf_on_export_start(tiny_gpt(2), ctx)  # a new export forgets Hessians, factors and codes
+    assert not plugin._factors and not plugin._memo
+    train = GPTQ(GPTQConfig(calibration="train"))
+    train.pgolf_on_export_start(tiny_gpt(2), ctx)
+    assert services.requests == 2  # training-shard calibration happens at export start
+    metrics = train.pgolf_contribute_metrics(ctx)
+    assert metrics["gptq_hessians"] == 1 and metrics["gptq_rtn_fallback"] == []
+    assert plugin.pgolf_contribute_metrics(ctx)["gptq_rtn_fallback"] == ["other"]
+
+
 def test_gptq_needs_a_reserve_on_wallclock_runs(micro_recipe):
     with pytest.raises(ConfigError, match="reserve_seconds"):
         Session(micro_recipe("train.max_wallclock_seconds=60", techniques={"gptq": {"reserve_seconds": 0}}),
@@ -225,14 +269,17 @@ def test_gptq_needs_a_reserve_on_wallclock_runs(micro_recipe):
 
 def test_train_calibration_reads_training_shards_inside_the_budget(micro_recipe):
     session = Session(micro_recipe(techniques={"gptq": {"calibration_batches": 2}}), reporter=QUIET)
-    session.load_data()
-    trained = session.train()
+    load_data(session)
+    trained = train_stage(session)
     assert trained.info["reserve_seconds"] == 4.0
-    exported = session.export(trained.model, trained.info)
-    reads = session.ctx.dataset.ledger.reads
+    exported = export_stage(session, trained)
+    reads = session.data.ledger.reads
     assert reads["calibration"] and all(n.startswith("fineweb_train") for n in reads["calibration"])
+    assert exported.ledger["calibration"] == reads["calibration"]
     assert exported.info["calibration_seconds"] > 0
-    metrics = session.ctx.technique("gptq").pgolf_contribute_metrics(session.ctx)
+    metrics = technique(session, "gptq").pgolf_contribute_metrics(session.ctx)
+    # the Hessians were collected inside pgolf_on_export_start, the time the host charges to training
+    assert 0 < metrics["gptq_calibration_seconds"] <= exported.info["calibration_seconds"] + 0.0005  # (rounded)
     assert metrics["gptq_calibration_tokens"] == 2 * 1024 and metrics["gptq_hessians"] == 13
     assert metrics["gptq_rtn_fallback"] == []
 
@@ -240,25 +287,28 @@ def test_train_calibration_reads_training_shards_inside_the_budget(micro_recipe)
 def test_self_generated_calibration_reads_no_data_and_is_not_charged(micro_recipe):
     params = {"calibration": "self_generated", "self_gen_sequences": 3, "self_gen_seq_len": 24, "self_gen_batch": 2}
     session = Session(micro_recipe(techniques={"gptq": params}), reporter=QUIET)
-    session.load_data()
-    trained = session.train()
+    load_data(session)
+    trained = train_stage(session)
     assert trained.info["reserve_seconds"] == 0.0
-    exported = session.export(trained.model, trained.info)
-    assert "calibration" not in session.ctx.dataset.ledger.reads
-    metrics = session.ctx.technique("gptq").pgolf_contribute_metrics(session.ctx)
+    exported = export_stage(session, trained)
+    assert "calibration" not in session.data.ledger.reads and "calibration" not in exported.ledger
+    metrics = technique(session, "gptq").pgolf_contribute_metrics(session.ctx)
     assert metrics["gptq_calibration"] == "self_generated" and metrics["gptq_calibration_tokens"] == 3 * 24
     assert exported.info["calibration_seconds"] < metrics["gptq_calibration_seconds"]
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_sum_their_hessians_into_the_single_process_artifact(micro_recipe, tmp_path):
     """World 2 x accum 1 calibrates each rank on its half of the tokens world 1 x accum 2 reads in two
     batches; the all-reduce adds the same two Hessians, so both ranks write the single process's
     artifact and evaluate it to the same bits (without it the ranks would score different models)."""
+    from tests.conftest import pinned_threads
     from tests.test_ddp import torchrun_micro
 
     gptq = {"gptq": {"calibration_batches": 2}}
-    single = run_recipe(micro_recipe("train.warmdown_iters=0", "train.grad_accum_steps=2", techniques=gptq),
-                        tmp_path / "world1", QUIET)
+    with pinned_threads():  # the ranks run on the same thread count (see torchrun_micro)
+        single = run(micro_recipe("train.warmdown_iters=0", "train.grad_accum_steps=2", techniques=gptq),
+                     tmp_path / "world1", QUIET)
     out = tmp_path / "world2"
     proc = torchrun_micro(out, "train.grad_accum_steps=1", "techniques.gptq.calibration_batches=1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

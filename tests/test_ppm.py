@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from pgolf import compliance
-from pgolf.bpb import build_byte_tables, stream_bytes
-from pgolf.evaluate import TokenScores, plain_windows
-from pgolf.tokenizer import load_tokenizer
+from pgolf.data.bpb import build_byte_tables, stream_bytes
+from pgolf.data.tokenizer import load_tokenizer
+from pgolf.scores import TokenScores, plain_windows
 from pgolf_plugins.ppm import (
     ByteMixConfig,
     TokenBytes,
@@ -157,8 +157,8 @@ def test_the_normalization_audit_rejects_the_byte_mixture():
 
 
 def test_token_bytes_follow_the_challenge_byte_count(tmp_path):
-    from pgolf.data import ensure_embedded_dataset, find_tokenizer
-    from pgolf.shards import VAL_GLOB, list_shards, read_shard
+    from pgolf.data.dataset import ensure_embedded_dataset, find_tokenizer
+    from pgolf.data.shards import VAL_GLOB, list_shards, read_shard
 
     directory = ensure_embedded_dataset(1024)
     sp = load_tokenizer(find_tokenizer(directory, 1024))

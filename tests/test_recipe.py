@@ -167,3 +167,78 @@ def test_exponent_notation_is_a_number():
     assert load_recipe(BASELINE, ["optim.matrix_lr=1e-3"]).optim.matrix_lr == 0.001
     with pytest.raises(ConfigError, match="expected a number, got 'fast'"):
         load_recipe(BASELINE, ["optim.matrix_lr=fast"])
+
+
+# --- every problem at once -----------------------------------------------------------------------
+
+FOUR_MISTAKES = """\
+name: four
+model:
+  num_layrs: 3
+train:
+  iterations: many
+techniques:
+  sliding_windo: {}
+  ema:
+    decay: x
+"""
+
+
+def four_expected(path):
+    return [
+        (f"{path}, line 3, key 'model.num_layrs': unknown key 'num_layrs'", "Did you mean 'num_layers'?"),
+        (f"{path}, line 5, key 'train.iterations': expected an integer, got 'many'", None),
+        (f"{path}, line 7, key 'techniques.sliding_windo': unknown technique 'sliding_windo'",
+         "Did you mean 'sliding_window'?"),
+        (f"{path}, line 9, key 'techniques.ema.decay': expected a number, got 'x'", None),
+    ]
+
+
+def test_every_mistake_is_reported_in_one_error(tmp_path):
+    from pgolf.errors import ConfigErrors
+    from pgolf.registry import technique_problems
+
+    path = write(tmp_path, "four.yaml", FOUR_MISTAKES).resolve()
+    with pytest.raises(ConfigErrors) as info:
+        load_recipe(path, technique_check=technique_problems)  # as `pgolf run` loads it
+    err = info.value
+    assert isinstance(err, ConfigError) and len(err.errors) == 4
+    lines = str(err).splitlines()
+    assert lines[0] == "4 problems found:" and len(lines) == 5
+    for (where, hint), line in zip(four_expected(path), lines[1:], strict=True):
+        assert where in line and (hint is None or hint in line)
+
+
+def test_a_single_mistake_renders_as_before(tmp_path):
+    path = write(tmp_path, "r.yaml", "train:\n  seq_len: long\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert type(info.value) is ConfigError
+    assert str(info.value) == f"{path.resolve()}, line 2, key 'train.seq_len': expected an integer, got 'long'"
+
+
+def test_validation_problems_and_unknown_top_level_keys_are_all_collected(tmp_path):
+    path = write(tmp_path, "r.yaml", "trian: {}\nmodel:\n  logit_softcap: -1\n  vocab_size: 70000\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path, ["optim.matrix_lr=fast"])
+    text = str(info.value)
+    assert text.startswith("4 problems found:")
+    for part in ("line 1, key 'trian': unknown top-level key 'trian'. Did you mean 'train'?",
+                 "key 'model.logit_softcap': logit_softcap must be positive",
+                 "key 'model.vocab_size'", "key 'optim.matrix_lr': expected a number, got 'fast'"):
+        assert part in text
+
+
+def test_cli_run_prints_every_mistake_without_a_traceback(tmp_path):
+    from typer.testing import CliRunner
+
+    from pgolf.cli import app
+
+    path = write(tmp_path, "four.yaml", FOUR_MISTAKES).resolve()
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+    assert "error: 4 problems found:" in result.stderr
+    for where, hint in four_expected(path):
+        assert where in result.stderr and (hint is None or hint in result.stderr)
+    assert not (tmp_path / "run").exists()  # nothing ran

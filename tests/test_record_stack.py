@@ -8,15 +8,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from pgolf.api import STAGES
 from pgolf.errors import ConfigError
-from pgolf.lifecycle import Session, run_recipe
+from pgolf.hookspecs import HOOK_STAGES
+from pgolf.host import Session, run
+from pgolf.loop import lr_multiplier
 from pgolf.model import GPT
 from pgolf.optim import Muon, build_optimizers
-from pgolf.recipe import ModelConfig, OptimConfig, TrainConfig
-from pgolf.registry import resolve
+from pgolf.recipe import RECIPES_DIR, ModelConfig, OptimConfig, TrainConfig, load_recipe
+from pgolf.registry import load_technique_class, resolve, silent_techniques
 from pgolf.reporter import Reporter
-from pgolf.train import lr_multiplier
+from pgolf_plugins import BUILTINS
 from pgolf_plugins.leaky_relu import use_leaky_relu2
 from pgolf_plugins.muon_eq_r import use_row_normalized_muon
 from pgolf_plugins.muon_wd import MuonWDConfig, use_weight_decay
@@ -27,6 +31,7 @@ from pgolf_plugins.recurrence import RecurrenceConfig, activate, apply_recurrenc
 from pgolf_plugins.smear_gate import use_smear_gate
 from pgolf_plugins.warmdown import WarmdownConfig, use_warmdown
 from pgolf_plugins.xsa import use_xsa
+from tests.conftest import REPO
 
 QUIET = Reporter(quiet=True)
 MINE = ["ema", "leaky_relu", "muon_eq_r", "muon_wd", "parallel_residuals", "partial_rope", "qk_gain", "recurrence",
@@ -274,6 +279,69 @@ def test_warmdown_is_linear_over_the_last_fraction_with_a_floor():
     assert lr_multiplier(10, 300.0, train, 600.0) == pytest.approx(2 / 3)  # wallclock-keyed when capped
 
 
+# --- acting by configuring ----------------------------------------------------------------------
+
+
+def acts_only_by_configuring(name: str) -> bool:
+    """No hook of its stage or a later one: the technique acts by changing the recipe, or not at all."""
+    cls = load_technique_class(name)
+    later = set(STAGES[STAGES.index(cls.stage):])
+    return "pgolf_configure" in cls.hook_names() and not any(HOOK_STAGES.get(h) in later for h in cls.hook_names())
+
+
+CONFIGURE_ONLY = sorted(name for name in BUILTINS if acts_only_by_configuring(name))
+SCALES = [None, *sorted(p.stem for p in (RECIPES_DIR / "scales").glob("*.yaml"))]
+
+
+def test_the_configure_only_techniques():
+    assert CONFIGURE_ONLY == ["codec", "leaky_relu", "muon_eq_r", "muon_wd", "parallel_residuals", "partial_rope",
+                              "qk_gain", "smear_gate", "warmdown", "xsa"]
+
+
+def acted_by_configuring(recipe) -> tuple[set[str], list[str]]:
+    """(configure-only techniques the recipe enables, those whose configure changed nothing)."""
+    session = Session(recipe, reporter=QUIET)
+    enabled = {e.name for e in session.enabled if e.name in CONFIGURE_ONLY}
+    return enabled, sorted(enabled - session.trace.configured)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("name", CONFIGURE_ONLY)
+def test_each_default_changes_the_baseline_recipe(name, scale):
+    """Toggled on the baseline (as `pgolf ablate --toggle` does), every default changes the recipe."""
+    enabled, silent = acted_by_configuring(load_recipe(RECIPES_DIR / "baseline.yaml", scale=scale, enable=[name]))
+    assert enabled == {name} and silent == []
+
+
+def test_a_configure_that_changes_nothing_never_acts():
+    """Settings equal to the recipe's are a no-op ablation row: the run fails them as never acted."""
+    recipe = load_recipe(RECIPES_DIR / "baseline.yaml")
+    recipe.techniques.update({"qk_gain": {"init": 1.5}, "xsa": {},
+                              "muon_wd": {"weight_decay": 0.0, "embed_weight_decay": 0.0, "adam_weight_decay": 0.0}})
+    session = Session(recipe, reporter=QUIET)
+    assert silent_techniques(session.enabled, session.trace) == ["muon_wd", "qk_gain"]
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_no_shipped_recipe_enables_a_technique_that_changes_nothing(path, scale):
+    _, silent = acted_by_configuring(load_recipe(path, scale=scale))
+    assert silent == []
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "ablations").glob("*.yaml")), ids=lambda p: p.stem)
+def test_no_shipped_ablation_toggles_a_technique_that_changes_nothing(path):
+    """Each toggled configure-only technique, alone on the spec's all-off arm, changes the recipe."""
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    toggles = list(spec["toggle"])
+    for name in [t for t in toggles if t in CONFIGURE_ONLY]:
+        sets = [s for s in spec.get("set") or [] if not s.startswith("techniques.") or s.startswith(f"techniques.{name}.")]
+        recipe = load_recipe(path.parent / spec["recipe"], sets, scale=spec.get("scale"), enable=[name])
+        recipe.techniques = {k: v for k, v in recipe.techniques.items() if k == name or k not in toggles}
+        enabled, silent = acted_by_configuring(recipe)
+        assert name in enabled and silent == [], name
+
+
 # --- toggling ----------------------------------------------------------------------------------
 
 
@@ -290,16 +358,17 @@ STACK = {"leaky_relu": {}, "qk_gain": {}, "partial_rope": {}, "xsa": {}, "smear_
          "recurrence": {"loop_start": 0, "loop_end": 1, "num_loops": 1, "enable_at": 0.3}}
 
 
+@pytest.mark.slow
 def test_a_technique_toggled_off_leaves_the_run_bit_identical(micro_recipe, tmp_path):
-    plain = run_recipe(micro_recipe(), tmp_path / "plain", QUIET)
-    stack = run_recipe(micro_recipe(techniques={**STACK, "ema": {"decay": 0.5}}), tmp_path / "stack", QUIET)
-    without = run_recipe(micro_recipe(techniques=STACK), tmp_path / "without", QUIET)
+    plain = run(micro_recipe(), tmp_path / "plain", QUIET)
+    stack = run(micro_recipe(techniques={**STACK, "ema": {"decay": 0.5}}), tmp_path / "stack", QUIET)
+    without = run(micro_recipe(techniques=STACK), tmp_path / "without", QUIET)
     toggled_off = micro_recipe("techniques.ema.decay=0.5", "techniques.ema=false", techniques=STACK)
-    toggled = run_recipe(toggled_off, tmp_path / "toggled", QUIET)
+    toggled = run(toggled_off, tmp_path / "toggled", QUIET)
     assert toggled["val_bpb"] == without["val_bpb"] != stack["val_bpb"]
     assert _same_bits(_checkpoint(tmp_path / "toggled"), _checkpoint(tmp_path / "without"))
 
     all_off = micro_recipe(*(f"techniques.{name}=false" for name in MINE))
-    again = run_recipe(all_off, tmp_path / "all_off", QUIET)  # after every technique ran in this process
+    again = run(all_off, tmp_path / "all_off", QUIET)  # after every technique ran in this process
     assert again["val_bpb"] == plain["val_bpb"] and again["val_bpb_prequant"] == plain["val_bpb_prequant"]
     assert _same_bits(_checkpoint(tmp_path / "all_off"), _checkpoint(tmp_path / "plain"))

@@ -4,15 +4,15 @@ structure surviving an artifact round trip."""
 from __future__ import annotations
 
 import copy
-import json
 
 import pytest
 import torch
 
-from pgolf.artifact import decode_artifact
+from pgolf.api import Technique
 from pgolf.errors import ConfigError
-from pgolf.lifecycle import Session, run_recipe, session_from_artifact_meta
+from pgolf.host import Session, eval_stage, evaluate_target, load_data, run, session_from_artifact
 from pgolf.model import GPT
+from pgolf.products import Artifact
 from pgolf.recipe import ModelConfig
 from pgolf.registry import resolve
 from pgolf.reporter import Reporter
@@ -255,33 +255,48 @@ def test_a_loop_outside_the_model_fails_before_the_run(micro_recipe):
 # --- lifecycle ---------------------------------------------------------------------------------
 
 
+class DecodedModel(Technique):
+    """Keeps the model the eval stage decoded from the artifact, as recurrence left it."""
+
+    name = "decoded_model"
+    stage = "eval"
+    after = ("recurrence",)
+    seen: list[GPT] = []
+
+    def pgolf_on_artifact_loaded(self, model, ctx):
+        DecodedModel.seen.append(model)
+
+
 def test_the_loop_is_rebuilt_and_switched_on_when_the_artifact_is_decoded(micro_recipe, tmp_path):
     params = {"loop_start": 0, "loop_end": 1, "num_loops": 2, "enable_at": 0.3, "untie_mlp": True}
-    result = run_recipe(micro_recipe(techniques={"recurrence": params}), tmp_path, QUIET)
+    result = run(micro_recipe(techniques={"recurrence": params}), tmp_path, QUIET)
     assert result["metrics"]["recurrence"]["activations"] == [{"step": 1, "frac": pytest.approx(1 / 3), "passes": 2}]
-    blob = (tmp_path / "artifact.pga").read_bytes()
-    _, meta = decode_artifact(blob)
-    session = session_from_artifact_meta(meta, reporter=QUIET)
-    session.load_data()
-    model = session.load_artifact(blob)
+    artifact = Artifact.from_file(tmp_path / "artifact.pga")
+    _, meta = artifact.decode()
+    session = session_from_artifact(meta, {"tests.test_recurrence:DecodedModel": {}}, reporter=QUIET)
+    load_data(session)
+    DecodedModel.seen = []
+    scored = eval_stage(session, artifact, meta["train"])
+    (model,) = DecodedModel.seen
     assert model.looping_active and model.layer_plan() == ([0, 1, 2], [3, 4, 5])  # 2 blocks + 4 untied passes
     trained_copy = model.extra_blocks[0].mlp.fc.weight
     assert not torch.equal(trained_copy, model.blocks[0].mlp.fc.weight)  # loaded, not re-copied from the block
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    hooks = manifest["trace"]["recurrence"]
-    assert hooks["pgolf_on_model_built"]["calls"] == 2  # the trained model and the decoded one
-    assert hooks["pgolf_on_artifact_loaded"]["calls"] == 1
+    assert scored.result["val_bpb"] == pytest.approx(result["val_bpb"], rel=1e-9)  # the same looped graph scored
+    # The judged trace of the artifact re-scored: the stored train and export stages plus this eval stage.
+    hooks = scored.manifest["trace"]["recurrence"]
+    assert hooks["pgolf_on_model_built"]["calls"] == 3  # the trained model, its rebuild for export, the decoded one
+    assert hooks["pgolf_on_artifact_loaded"]["calls"] == 2  # before export (looping as training left it) and after decoding
     assert hooks["pgolf_contribute_warmup_phases"]["calls"] == 1
 
 
 def test_looping_is_on_for_evaluation_even_if_training_ended_first(micro_recipe, tmp_path):
     params = {"loop_start": 0, "loop_end": 1, "num_loops": 1, "enable_at": 1.0, "untie_mlp": True}
-    result = run_recipe(micro_recipe(techniques={"recurrence": params}), tmp_path, QUIET)
+    result = run(micro_recipe(techniques={"recurrence": params}), tmp_path, QUIET)
     assert result["metrics"]["recurrence"]["activations"] == []
     state = torch.load(tmp_path / "final_model.pt", weights_only=True)
     for layer in (0, 1):  # passes that never trained start as their block's final MLP
         assert torch.equal(state[f"extra_blocks.{layer}.mlp.fc.weight"], state[f"blocks.{layer}.mlp.fc.weight"])
-    plain = run_recipe(micro_recipe(), tmp_path / "plain", QUIET)
+    plain = run(micro_recipe(), tmp_path / "plain", QUIET)
     assert result["val_bpb_prequant"] != plain["val_bpb_prequant"]  # the evaluated graph loops
 
 
@@ -295,11 +310,10 @@ def test_repeated_pass_holds_no_copy_of_the_shared_block():
 
 
 def test_a_saved_checkpoint_is_rescored_with_the_loop_on(micro_recipe, tmp_path):
-    from pgolf.evalonly import evaluate_target
     from tests.conftest import MICRO
 
     params = "{loop_start: 0, loop_end: 1, num_loops: 1, enable_at: 0.3}"
-    result = run_recipe(micro_recipe(f"techniques.recurrence={params}"), tmp_path, QUIET)
+    result = run(micro_recipe(f"techniques.recurrence={params}"), tmp_path, QUIET)
     scored = evaluate_target(tmp_path / "final_model.pt", scale="tiny",
                              overrides=[*MICRO, f"techniques.recurrence={params}"], log=lambda m: None)
     assert scored["val_bpb_prequant"] == pytest.approx(result["val_bpb_prequant"], rel=1e-9)

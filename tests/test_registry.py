@@ -1,15 +1,17 @@
-"""The registry: discovery, config validation, ordering, conflicts, providers, tracing, no-ops."""
+"""The registry: discovery, config validation, ordering, conflicts, providers, tracing, no-ops, stages."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import pytest
+import torch
 
+from pgolf.api import RunContext, Technique, hookimpl
 from pgolf.config import Provenance
 from pgolf.errors import ConfigError, RegistryError
-from pgolf.hookspecs import hookimpl
-from pgolf.registry import Technique, Trace, build_plugin_manager, resolve, silent_techniques
+from pgolf.recipe import Recipe
+from pgolf.registry import Trace, build_plugin_manager, check_declared_stages, resolve, silent_techniques
 
 M = "tests.test_registry"
 
@@ -97,6 +99,35 @@ class Quiet(Technique):
         pass
 
 
+class Configurer(Technique):
+    """Acts by configuring the host alone (as XSA sets a model field)."""
+
+    name = "configurer"
+
+    def pgolf_configure(self, ctx):
+        ctx.recipe.train.log_every += 1
+
+
+class EarlyHook(Technique):
+    """Declares eval but changes training: an ablation would reuse a checkpoint made without it."""
+
+    name = "early_hook"
+    stage = "eval"
+
+    def pgolf_on_step_end(self, model, ctx):
+        pass
+
+
+class EarlyContribution(Technique):
+    """Declares eval with a training contribute hook: allowed (it may return None), but never its act."""
+
+    name = "early_contribution"
+    stage = "eval"
+
+    def pgolf_contribute_loss_weights(self, ctx):
+        return None
+
+
 class Wrapped(Technique):
     name = "wrapped"
 
@@ -110,6 +141,10 @@ def names(enabled):
     return [e.name for e in enabled]
 
 
+def context():
+    return RunContext(recipe=Recipe(), device=torch.device("cpu"))
+
+
 def test_order_follows_declarations_not_recipe_order():
     forward = resolve({f"{M}:Alpha": {}, f"{M}:Beta": {}, f"{M}:Gamma": {}})
     backward = resolve({f"{M}:Beta": {}, f"{M}:Gamma": {}, f"{M}:Alpha": {}})
@@ -120,7 +155,7 @@ def test_pluggy_calls_follow_the_resolved_order():
     enabled = resolve({f"{M}:Beta": {}, f"{M}:Alpha": {}, f"{M}:Gamma": {}})
     pm = build_plugin_manager(enabled, None, Trace())
     Recorder.calls = []
-    pm.hook.pgolf_configure(ctx=None)
+    pm.hook.pgolf_configure(ctx=context())
     assert Recorder.calls == ["gamma", "alpha", "beta"]
 
 
@@ -175,12 +210,43 @@ def test_misspelled_hook_is_an_error_not_a_silent_no_op():
 
 def test_trace_counts_calls_and_time_per_technique():
     trace = Trace()
-    enabled = resolve({f"{M}:Alpha": {}, f"{M}:Quiet": {}})
+    enabled = resolve({f"{M}:Alpha": {}, f"{M}:Quiet": {}, f"{M}:Configurer": {}})
     pm = build_plugin_manager(enabled, None, trace)
-    pm.hook.pgolf_configure(ctx=None)
-    pm.hook.pgolf_configure(ctx=None)
+    ctx = context()
+    pm.hook.pgolf_configure(ctx=ctx)
+    pm.hook.pgolf_configure(ctx=ctx)
     assert trace.to_dict()["alpha"]["pgolf_configure"]["calls"] == 2
-    assert silent_techniques(enabled, trace) == ["quiet"]
+    assert trace.to_dict()["alpha"]["pgolf_configure"]["seconds"] >= 0.0
+    # alpha's configure fired twice but changed nothing: calls are not acts; configurer's changed the recipe
+    assert trace.configured == {"configurer"}
+    assert silent_techniques(enabled, trace) == ["alpha", "quiet"]
+    pm.hook.pgolf_on_scores(scores=None, ctx=ctx)
+    assert silent_techniques(enabled, trace) == ["alpha"]
+
+
+@pytest.mark.parametrize(("stage", "hook", "acted"), [
+    ("train", "pgolf_on_step_end", True),
+    ("train", "pgolf_on_scores", True),  # a later stage's hook counts
+    ("export", "pgolf_on_export_start", True),
+    ("export", "pgolf_contribute_loss_weights", False),  # an earlier stage's hook fired: not the declared act
+    ("export", "pgolf_contribute_train_reserve_seconds", False),
+    ("eval", "pgolf_quantize_tensor", False),
+    ("train", "pgolf_configure", False),  # configure that changed nothing
+    ("train", "pgolf_contribute_config_errors", False),
+    ("eval", "pgolf_contribute_metrics", False),  # reporting is not acting
+])
+def test_acting_means_a_hook_of_the_declared_stage_or_later(stage, hook, acted):
+    trace = Trace()
+    trace.record("t", hook, 0.0)
+    assert trace.acted("t", stage) is acted
+    trace.configured.add("t")
+    assert trace.acted("t", stage)
+
+
+def test_a_hook_of_a_stage_before_the_declared_one_is_refused():
+    with pytest.raises(ConfigError, match="declares stage 'eval' but implements pgolf_on_step_end"):
+        check_declared_stages(resolve({f"{M}:EarlyHook": {}}), Provenance())
+    check_declared_stages(resolve({f"{M}:EarlyContribution": {}}), Provenance())  # contribute hooks may be early
 
 
 def test_wrappers_are_traced_and_wrap_the_host_default():

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from pgolf.errors import ConfigError
-from pgolf.lifecycle import Session
+from pgolf.host import Session, run
 from pgolf.quant import QuantSpec, default_spec, dequantize, qmax, quantize_rtn
 from pgolf.recipe import ExportConfig
 from pgolf.reporter import Reporter
 from pgolf_plugins.sandwich_quant import SandwichConfig, position_of, sandwich_bits
+from tests.micro_training import technique
 
 QUIET = Reporter(quiet=True)
 
@@ -48,7 +49,7 @@ def test_wider_outer_band_and_int5_mlps():
 
 def test_small_and_control_tensors_stay_passthrough(micro_recipe):
     session = Session(micro_recipe(techniques={"sandwich_quant": {}}), reporter=QUIET)
-    tech = session.ctx.technique("sandwich_quant")
+    tech = technique(session, "sandwich_quant")
     cfg = ExportConfig()
     for name, tensor, scheme in (("blocks.0.attn_scale", torch.ones(512), "fp32"),
                                  ("blocks.0.attn.q_gain", torch.ones(8), "fp32"),
@@ -87,9 +88,7 @@ def test_config_errors(micro_recipe):
 
 
 def test_export_writes_the_policy(micro_recipe, tmp_path):
-    from pgolf.lifecycle import run_recipe
-
-    result = run_recipe(micro_recipe(techniques={"sandwich_quant": {"outer_layers": 0}}), tmp_path, QUIET)
+    result = run(micro_recipe(techniques={"sandwich_quant": {"outer_layers": 0}}), tmp_path, QUIET)
     bits = result["export"]["bits"]
     assert bits["tok_emb.weight"] == 7 and bits["blocks.0.mlp.fc.weight"] == 6 and bits["blocks.1.attn.c_q.weight"] == 6
     assert bits["blocks.0.attn_scale"] == 32 and bits["skip_weights"] == 32

@@ -11,13 +11,21 @@ import numpy as np
 import pytest
 import torch
 
+from pgolf.artifact import decode_artifact, encode_artifact, pack
 from pgolf.errors import ConfigError
-from pgolf.lifecycle import Session
+from pgolf.host import Session
 from pgolf.quant import QuantSpec, dequantize, quantize_rtn
 from pgolf.reporter import Reporter
-from pgolf_plugins.sdclip import apply_sdclip, hessian_row_factor, sdclip_scale, search_multiplier, tensor_role
+from pgolf_plugins.sdclip import (
+    SDClipConfig,
+    apply_sdclip,
+    hessian_row_factor,
+    sdclip_scale,
+    search_multiplier,
+    tensor_role,
+)
 from tests.micro_training import export_with as export_micro
-from tests.micro_training import train_micro
+from tests.micro_training import stored_tensors, technique, train_micro
 
 QUIET = Reporter(quiet=True)
 
@@ -150,8 +158,10 @@ def test_search_survives_a_non_monotone_measurement():
 
 
 def test_target_mode_needs_sane_bounds_and_lambda_needs_gptq(micro_recipe):
-    with pytest.raises(ConfigError, match="enable gptq"):
+    with pytest.raises(ConfigError, match="provides calibration batches; enable gptq"):
         Session(micro_recipe(techniques={"sdclip": {"hessian_lambda": 0.175}}), reporter=QUIET)
+    with pytest.raises(ConfigError, match="hessian_damp"):
+        Session(micro_recipe(techniques={"sdclip": {"hessian_damp": 0.0}}), reporter=QUIET)
     with pytest.raises(ConfigError, match="target_min_multiplier"):
         Session(micro_recipe(techniques={"sdclip": {"mode": "target", "target_min_multiplier": 2.0}}), reporter=QUIET)
 
@@ -171,7 +181,7 @@ def test_target_mode_fits_a_real_artifact_under_the_budget(micro_recipe, trained
     session, exported = export_with(micro_recipe, trained_micro,
                                     {"sdclip": {"mode": "target", "target_tolerance_bytes": 1_500}},
                                     f"export.budget_bytes={budget}")
-    metrics = session.ctx.technique("sdclip").pgolf_contribute_metrics(session.ctx)
+    metrics = technique(session, "sdclip").pgolf_contribute_metrics(session.ctx)
     assert metrics["sdclip_multiplier"] > 1.0 and metrics["sdclip_search_fits"]
     target = budget - 4096  # the default margin leaves room for the artifact's metadata header
     assert metrics["sdclip_target_bytes"] == target and target - 1_500 <= metrics["sdclip_search_bytes"] <= target
@@ -186,7 +196,46 @@ def test_target_mode_with_gptq_reuses_the_factorisation(micro_recipe, trained_mi
                                     {"sdclip": {"mode": "target", "target_tolerance_bytes": 1_000},
                                      "gptq": {"calibration_batches": 2}},
                                     f"export.budget_bytes={budget}")
-    metrics = session.ctx.technique("sdclip").pgolf_contribute_metrics(session.ctx)
+    metrics = technique(session, "sdclip").pgolf_contribute_metrics(session.ctx)
     assert metrics["sdclip_multiplier"] < 1.0 and exported.info["bytes_total"] <= budget
-    gptq = session.ctx.technique("gptq")
+    gptq = technique(session, "gptq")
     assert len(gptq._factors) == gptq.pgolf_contribute_metrics(session.ctx)["gptq_hessians"]
+
+
+def model_bytes_without_header(session, artifact) -> int:
+    """The real artifact's compressed model with its metadata header left out, as every search probe has it."""
+    tensors, _ = decode_artifact(artifact.blob)
+    export = session.recipe.export
+    return len(encode_artifact(pack(tensors, {}), export.codec, export.level, export.byte_shuffle))
+
+
+@pytest.mark.parametrize("gptq", [False, True])
+def test_search_bytes_are_the_real_artifacts_counted_bytes(micro_recipe, trained_micro, gptq):
+    """Each probe measures what exporting with that multiplier writes: the same tensors through the same
+    codec, plus the code bytes (the metadata header alone left out, which target_margin_bytes covers).
+    (Code bytes are taken from the one session: they are read from the source files when counted.)"""
+    extra = {"gptq": {"calibration_batches": 2}} if gptq else {}
+    fixed_session, fixed = export_with(micro_recipe, trained_micro, {"sdclip": {}, **extra})
+    budget = fixed.info["bytes_total"] - 2_500
+    session, searched = export_with(micro_recipe, trained_micro,
+                                    {"sdclip": {"mode": "target", "target_tolerance_bytes": 1_500}, **extra},
+                                    f"export.budget_bytes={budget}")
+    metrics = technique(session, "sdclip").pgolf_contribute_metrics(session.ctx)
+    m, code = metrics["sdclip_multiplier"], searched.info["bytes_code"]
+    assert metrics["sdclip_search_bytes"] == model_bytes_without_header(session, searched) + code
+    assert dict(metrics["sdclip_probes"])[1.0] == model_bytes_without_header(fixed_session, fixed) + code
+    # the chosen multiplier, exported as a fixed k, is the searched artifact (every k is k x m)
+    defaults = SDClipConfig()
+    scaled = {f"{role}_sigmas": getattr(defaults, f"{role}_sigmas") * m for role in ("mlp", "attn", "matrix", "embed")}
+    scaled_session, scaled_artifact = export_with(micro_recipe, trained_micro, {"sdclip": scaled, **extra})
+    assert stored_tensors(scaled_artifact.blob) == stored_tensors(searched.blob)
+    assert model_bytes_without_header(scaled_session, scaled_artifact) + code == metrics["sdclip_search_bytes"]
+
+
+def test_hessian_aware_clip_reads_the_hosts_calibration_hessians(micro_recipe, trained_micro):
+    gptq = {"gptq": {"calibration_batches": 2}}
+    _, plain = export_with(micro_recipe, trained_micro, {"sdclip": {}, **gptq})
+    session, aware = export_with(micro_recipe, trained_micro, {"sdclip": {"hessian_lambda": 0.175}, **gptq})
+    assert aware.info["quant_notes"]["blocks.0.attn.c_q.weight"] == ["sdclip: k=13 hessian-aware"]
+    assert stored_tensors(aware.blob) != stored_tensors(plain.blob)
+    assert session.trace.stats["gptq"]["pgolf_provide_calibration_batches"].calls == 1  # collected once, shared

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from pgolf import shards
+from pgolf.data import shards
 from pgolf.errors import DataError
 
 

@@ -8,10 +8,10 @@ import torch
 
 from pgolf.compliance import exactly_once
 from pgolf.context import RunContext
-from pgolf.evaluate import EvalWindows, TokenScores, WindowScorer
 from pgolf.model import GPT
 from pgolf.recipe import ModelConfig, Recipe
 from pgolf.registry import resolve
+from pgolf.scores import EvalWindows, TokenScores, WindowScorer
 from pgolf_plugins.sliding_window import SlidingWindow, sliding_windows
 
 

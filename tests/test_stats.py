@@ -13,8 +13,8 @@ from scipy import integrate, special
 from scipy import stats as sps
 from typer.testing import CliRunner
 
-from pgolf import stats
 from pgolf.cli import app
+from pgolf.study import stats
 from tests.conftest import REPO
 
 NEW = [1.11508120, 1.11437394, 1.11475014]  # PR #1019's seeds, and PR #549's it beat (challenge.md §1.2)

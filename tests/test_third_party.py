@@ -94,6 +94,7 @@ def test_named_in_a_recipe_it_runs_and_the_manifest_records_it(runs):
     assert named["valid"], named["failed_audits"]
 
 
+@pytest.mark.slow
 def test_the_example_package_passes_its_own_tests(site):
     copy = site.parent / "pgolf-example-technique"  # the installed source, so nothing is written into the repo
     proc = with_site(site, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(copy / "tests"), cwd=copy)

@@ -9,10 +9,11 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from pgolf import compliance
 from pgolf.context import RunContext
-from pgolf.evaluate import TokenScores, WindowScorer, plain_windows
+from pgolf.errors import ConfigErrors
 from pgolf.model import GPT
 from pgolf.recipe import ModelConfig, Recipe
 from pgolf.registry import resolve
+from pgolf.scores import TokenScores, WindowScorer, plain_windows
 from pgolf_plugins.sliding_window import sliding_windows
 from pgolf_plugins.ttt import (
     TTT,
@@ -62,7 +63,9 @@ def documents(n_tokens: int, doc_lengths: list[int], vocab: int, seed: int = 0) 
 
 
 def run(scorer, model, tokens, windows, ctx) -> TokenScores:
+    """As the host's evaluate_stream: the scorer scores the windows its `windows_for` returns."""
     scores = TokenScores.empty(tokens, np.ones(tokens.shape[0], dtype=np.int32))
+    windows = scorer.windows_for(windows, tokens, ctx)
     scores.windows = windows
     scorer(model, scores, windows, ctx)
     return scores
@@ -144,6 +147,24 @@ def test_sgd_scores_the_first_chunk_unadapted_then_adapts_and_never_trains_the_l
     assert adapted.nll[129:].sum() < plain.nll[129:].sum()  # a repeated phrase is learnt
     assert max(hi for _, _, hi in adapted.updates) <= (count - 1) * 128 + 1  # last chunk: no targets trained
     assert compliance.score_before_update(adapted, True)["passed"]
+
+
+@pytest.mark.parametrize("cfg", [
+    TTTConfig(mode="sgd", lr=0.01, chunk_tokens=128),
+    TTTConfig(mode="lora", lora_rank=4, lora_chunk=16, lora_batch_docs=2, lora_lr=0.01),
+], ids=["sgd", "lora"])
+def test_scorers_fill_probes_at_the_hosts_positions_with_the_scored_distribution(cfg):
+    vocab = 64
+    tokens = documents(600, [150, 90, 200, 160], vocab)
+    ctx = context(vocab)
+    scorer = ChunkedSGDScorer(cfg, TTTStats(cfg.mode)) if cfg.mode == "sgd" else DocumentLoRAScorer(cfg, TTTStats(cfg.mode))
+    assert scorer.audit_tokens >= 0
+    scores = TokenScores.empty(tokens, np.ones(600, dtype=np.int32))
+    scores.probe_at = frozenset({5, 140, 301, 570})  # the first chunk and adapted ones
+    scores.windows = scorer.windows_for(plain_windows(600, 32), tokens, ctx)
+    scorer(random_model(vocab), scores, scores.windows, ctx)
+    assert set(scores.probes) == {5, 140, 301, 570}
+    assert compliance.normalization(scores)["passed"]
 
 
 # --- an instrumented model proves every optimizer step trains on scored targets only ------------
@@ -245,6 +266,11 @@ def test_zero_learning_rate_lora_equals_the_plain_document_isolated_evaluation()
     # the same windows, batched differently (documents padded to a common width): float32 rounding only
     np.testing.assert_allclose(adapted.nll, plain.nll, rtol=0, atol=1e-6)
     assert (adapted.count[1:] == 1).all() and adapted.windows is not None
+    # the windows it reports (the host stores them for the exactly-once audit) are the document chunks
+    np.testing.assert_array_equal(adapted.windows.starts, doc_windows.starts)
+    np.testing.assert_array_equal(adapted.windows.lengths, doc_windows.lengths)
+    np.testing.assert_array_equal(adapted.windows.score_from, doc_windows.score_from)
+    np.testing.assert_array_equal(adapted.windows.expected_coverage(600), adapted.count)
 
 
 def test_lora_adapts_within_a_document_and_the_first_chunk_is_untouched():
@@ -343,10 +369,16 @@ def test_config_checks():
         resolve({"ttt": {"lora_targets": ["q", "nope"]}})
     with pytest.raises(Exception, match="lora_context"):
         resolve({"ttt": {"lora_chunk": 64, "lora_context": 32}})
+    with pytest.raises(ConfigErrors) as problems:  # every problem at once, each at its key
+        resolve({"ttt": {"lora_betas": [0.9], "chunk_tokens": 0, "lr": -1.0}})
+    assert sorted(e.key for e in problems.value.errors) == [
+        "techniques.ttt.chunk_tokens", "techniques.ttt.lora_betas", "techniques.ttt.lr"]
     ctx = context(64, seq_len=256)
-    ctx.enabled = resolve({"ttt": {"mode": "lora"}, "sliding_window": {}})
-    lora = ctx.technique("ttt")
+    ctx.recipe.techniques = {"ttt": {"mode": "lora"}, "sliding_window": {}}
+    lora = next(e.instance for e in resolve(ctx.recipe.techniques) if e.name == "ttt")
     assert any("sliding_window" in e for e in lora.pgolf_contribute_config_errors(ctx=ctx))
+    ctx.recipe.techniques = {"ttt": {"mode": "lora"}}
+    assert not lora.pgolf_contribute_config_errors(ctx=ctx)
     short = TTT(TTTConfig(chunk_tokens=128))
     assert any("chunk_tokens" in e for e in short.pgolf_contribute_config_errors(ctx=ctx))
 
@@ -390,6 +422,7 @@ def _two_rank_case(mode: str, distributed) -> TokenScores:
     return scores
 
 
+@pytest.mark.slow
 def test_two_ranks_score_what_one_rank_scores(tmp_path):
     """Windows and documents split over two gloo ranks, gradients summed: the single-rank scores."""
     import socket

@@ -9,7 +9,9 @@ trade pays is what `pgolf ablate` measures.
 The shape every technique follows:
 - a functional core that works without pgolf's registry (`prune_rows`), unit-tested directly;
 - a config dataclass whose defaults are the technique's recommended values (`PruneConfig`);
-- a thin `Technique` subclass: metadata plus `pgolf_*` hook methods that wire the core in.
+- a thin `Technique` subclass: metadata plus `pgolf_*` hook methods that wire the core in;
+- imports from `pgolf.api` only (and its tests from `pgolf.testing` too): the rest of pgolf is the
+  host's own business and may change under it.
 """
 
 from __future__ import annotations
@@ -18,9 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pgolf.context import RunContext
-from pgolf.quant import default_spec
-from pgolf.registry import Technique
+from pgolf.api import RunContext, Technique, default_spec
 from torch import Tensor, nn
 
 __all__ = ["MagnitudePrune", "PruneConfig", "prune_rows"]
@@ -59,7 +59,7 @@ class MagnitudePrune(Technique):
     summary = "Zero the smallest weights of each row of the quantized block matrices before export"
     Config = PruneConfig
     stage = "export"  # the trained checkpoint is reused when an ablation toggles it
-    record = "none: an example third-party technique (examples/pgolf-example-technique)"
+    follows = "none: an example third-party technique (examples/pgolf-example-technique)"
 
     config: PruneConfig
 

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 from scipy import stats as sps
 
-from pgolf import stats
 from pgolf.errors import ConfigError, DataError
+from pgolf.study import stats
 
 FORMATS = ("table", "md", "csv", "json")
 BUDGET_BYTES = 16_000_000
@@ -379,6 +379,11 @@ def load_summary(directory: Path) -> dict[str, Any]:
     path = Path(directory) / "summary.json"
     if not path.is_file():
         raise DataError(f"no summary.json in {directory}", hint="Pass the directory pgolf ablate wrote (its --out).")
-    summary = json.loads(path.read_text(encoding="utf-8"))
-    summary["statistics"] = analyse(summary)
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        summary["statistics"] = analyse(summary)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(f"{path} is damaged and cannot be read ({type(exc).__name__}: {exc})",
+                        hint="Run the same `pgolf ablate` command again: it rebuilds summary.json from the "
+                             "verified stage cache.") from None
     return summary

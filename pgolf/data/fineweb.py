@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-from pgolf import shards
-from pgolf.data import file_lock
+from pgolf.data import shards
+from pgolf.data.dataset import file_lock
+from pgolf.data.textdata import write_manifest
+from pgolf.data.tokenizer import load_tokenizer
 from pgolf.errors import DataError
-from pgolf.textdata import write_manifest
-from pgolf.tokenizer import load_tokenizer
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 DEFAULT_REMOTE_ROOT = "datasets"

@@ -23,9 +23,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from pgolf import shards
+from pgolf.data import shards
+from pgolf.data.tokenizer import BOS_ID, load_tokenizer, text_normalizer, train_tokenizer
 from pgolf.errors import DataError
-from pgolf.tokenizer import BOS_ID, load_tokenizer, text_normalizer, train_tokenizer
 
 DATASET_MANIFEST = "pgolf_dataset.json"
 DATASET_FORMAT = 2  # 2: documents stored in canonical (normalised) form
@@ -106,24 +106,6 @@ def split_train_val(docs: Sequence[str], val_docs: int | None = None) -> tuple[l
         raise DataError(f"cannot hold out {n_val} of {len(docs)} documents for validation",
                         hint="Pass --val-docs between 1 and the number of documents minus 1.")
     return list(docs[n_val:]), list(docs[:n_val])
-
-
-def transform_by_name(name: str | None) -> TextTransform | None:
-    """The text transform a technique provides (for `pgolf data text --transform NAME`)."""
-    if name is None:
-        return None
-    import torch
-
-    from pgolf.context import RunContext
-    from pgolf.recipe import Recipe
-    from pgolf.registry import load_technique_class
-
-    technique = load_technique_class(name)()
-    provide = getattr(technique, "pgolf_provide_text_transform", None)
-    transform = provide(ctx=RunContext(recipe=Recipe(), device=torch.device("cpu"))) if provide else None
-    if transform is None:
-        raise DataError(f"technique '{name}' provides no text transform", hint="Text transforms come from e.g. casefold.")
-    return transform
 
 
 def _encode_split(sp: object, docs: Sequence[str], transform: TextTransform | None) -> tuple[np.ndarray, np.ndarray | None]:

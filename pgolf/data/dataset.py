@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf import shards
-from pgolf.bpb import build_byte_tables, stream_bytes
-from pgolf.corpus import cache_dir, corpus_id, embedded_documents, is_validation_document
+from pgolf.data import shards
+from pgolf.data.bpb import build_byte_tables, stream_bytes
+from pgolf.data.corpus import cache_dir, corpus_id, embedded_documents, is_validation_document
+from pgolf.data.textdata import DATASET_FORMAT, TextTransform, build_dataset, read_manifest
+from pgolf.data.tokenizer import load_tokenizer
 from pgolf.errors import DataError
-from pgolf.textdata import DATASET_FORMAT, TextTransform, build_dataset, read_manifest
-from pgolf.tokenizer import load_tokenizer
 
 TRAIN_PURPOSES = ("train", "calibration", "frequency")
 
@@ -86,6 +86,15 @@ class Dataset:
         if purpose not in TRAIN_PURPOSES:
             raise ValueError(f"unknown training-data purpose {purpose!r}")
         return TokenStream(self.train_files, self.ledger, purpose, self.vocab_size)
+
+    def train_shard_tokens(self, purpose: str) -> Iterator[np.ndarray]:
+        """Each training shard's tokens in order, each read recorded in the ledger under `purpose`."""
+        if purpose not in TRAIN_PURPOSES:
+            raise ValueError(f"unknown training-data purpose {purpose!r}")
+        for path in self.train_files:
+            tokens = shards.read_shard(path, self.vocab_size)
+            self.ledger.record(purpose, path)
+            yield tokens
 
     def describe(self) -> dict:
         return {

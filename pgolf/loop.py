@@ -1,4 +1,4 @@
-"""The training loop of the challenge's train_gpt.py, with hooks at its seams.
+"""The training loop of the challenge's train_gpt.py, with the host's hooks at its seams.
 
 Warmup steps prime every graph (and each warmup phase a technique contributes), then the
 initial weights and optimizer state are restored so timed training starts from the true init.
@@ -20,20 +20,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pgolf.context import RunContext
-from pgolf.data import DistributedTokenLoader
+from pgolf.context import RunContext, WarmupPhase
+from pgolf.data.dataset import Dataset, DistributedTokenLoader
 from pgolf.errors import ConfigError, TrainingError
 from pgolf.optim import Muon, muon_momentum_at
 from pgolf.recipe import TrainConfig
 
+ModelHook = Callable[[nn.Module], None]
+
 
 @dataclass
-class WarmupPhase:
-    """A graph variant to warm before timing (enter switches it on, exit back off)."""
+class LoopHooks:
+    """The host's hook calls at the loop's seams (the loop itself never calls hooks)."""
 
-    name: str
-    enter: Callable[[], None]
-    exit: Callable[[], None]
+    warmup_phases: Callable[[nn.Module], list[WarmupPhase]]
+    train_start: ModelHook
+    step_start: ModelHook
+    step_end: ModelHook
 
 
 @dataclass
@@ -132,8 +135,9 @@ def train(
     base_model: nn.Module,
     model: nn.Module,
     optimizers: list[torch.optim.Optimizer],
+    dataset: Dataset,
     ctx: RunContext,
-    periodic_eval: Callable[[int], None] | None = None,
+    hooks: LoopHooks,
     progress: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Run warmup, then the timed loop. `model` may be the DDP/compiled wrapper of `base_model`."""
@@ -143,7 +147,8 @@ def train(
     check_batch(cfg, world, accum)
     grad_scale = 1.0 / accum
     device = ctx.device
-    reserve = ctx.train_reserve_seconds
+    clock = ctx.clock
+    reserve = clock.reserve_seconds
     cap_s = cfg.max_wallclock_seconds - reserve if cfg.max_wallclock_seconds > 0 else None
     if cap_s is not None and cap_s <= 0:
         raise ConfigError(f"the training reserve of {reserve:.1f}s leaves no time under the {cfg.max_wallclock_seconds:.0f}s cap",
@@ -153,7 +158,7 @@ def train(
         retain_freed_memory()
 
     def new_loader() -> DistributedTokenLoader:
-        return DistributedTokenLoader(ctx.dataset.train_stream(), ctx.dist.rank, world, device)
+        return DistributedTokenLoader(dataset.train_stream(), ctx.dist.rank, world, device)
 
     def zero_grad() -> None:
         for opt in optimizers:
@@ -189,9 +194,7 @@ def train(
     if cfg.warmup_steps > 0:
         initial_model = {k: v.detach().cpu().clone() for k, v in base_model.state_dict().items()}
         initial_opt = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-        phases: list[WarmupPhase | None] = [None]
-        for contributed in ctx.hook.pgolf_contribute_warmup_phases(model=base_model, ctx=ctx):
-            phases.extend(contributed or [])
+        phases: list[WarmupPhase | None] = [None, *hooks.warmup_phases(base_model)]
         model.train()
         loader = new_loader()
         for phase in phases:
@@ -212,7 +215,7 @@ def train(
     # --- the timed loop ----------------------------------------------------------------------
     loader = new_loader()
     model.train()
-    ctx.hook.pgolf_on_train_start(model=base_model, ctx=ctx)
+    hooks.train_start(base_model)
     train_s = 0.0
     stop_after: int | None = None
     last_loss = float("nan")
@@ -221,28 +224,17 @@ def train(
     t0 = time.perf_counter()
     step = 0
     check_every = 1 if device.type == "cpu" else max(cfg.log_every, 1)
-    while True:
-        last = step == cfg.iterations or (stop_after is not None and step >= stop_after)
-        if periodic_eval is not None and (last or (cfg.val_loss_every > 0 and step % cfg.val_loss_every == 0)):
-            _sync(device)
-            train_s += time.perf_counter() - t0
-            periodic_eval(step)
-            model.train()
-            _sync(device)
-            t0 = time.perf_counter()
-        if last:
-            break
+    while not (step == cfg.iterations or (stop_after is not None and step >= stop_after)):
         elapsed = train_s + time.perf_counter() - t0
-        ctx.step = step
-        ctx.elapsed_seconds = elapsed
-        ctx.frac = min(elapsed / cap_s, 1.0) if cap_s else step / max(cfg.iterations, 1)
-        ctx.lr_scale = lr_multiplier(step, elapsed, cfg, cap_s)
+        clock.step = step
+        clock.frac = min(elapsed / cap_s, 1.0) if cap_s else step / max(cfg.iterations, 1)
+        clock.lr_scale = lr_multiplier(step, elapsed, cfg, cap_s)
         before_step = elapsed
-        ctx.hook.pgolf_on_step_start(model=base_model, ctx=ctx)
-        loss_t = step_once(loader, step, ctx.lr_scale)
+        hooks.step_start(base_model)
+        loss_t = step_once(loader, step, clock.lr_scale)
         step += 1
-        ctx.step = step
-        ctx.hook.pgolf_on_step_end(model=base_model, ctx=ctx)
+        clock.step = step
+        hooks.step_end(base_model)
         approx = train_s + time.perf_counter() - t0
         should_log = cfg.log_every > 0 and (step <= 10 or step % cfg.log_every == 0)
         if step % check_every == 0 or should_log:
@@ -252,7 +244,7 @@ def train(
                                     hint="Lower the learning rates (optim.*_lr) or enable gradient clipping (train.grad_clip_norm).")
         if should_log:
             ctx.metrics.log(step=step, train_loss=last_loss, train_time_ms=round(1000 * approx),
-                            step_avg_ms=round(1000 * approx / step, 2), lr_scale=round(ctx.lr_scale, 5))
+                            step_avg_ms=round(1000 * approx / step, 2), lr_scale=round(clock.lr_scale, 5))
         if progress is not None:
             progress({"step": step, "loss": last_loss, "elapsed": approx,
                       "tokens_per_s": step * tokens_per_step / max(approx, 1e-9), "cap": cap_s,

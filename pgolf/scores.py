@@ -1,11 +1,11 @@
-"""Evaluation: windows over the validation stream, a per-token NLL stream, BPB from true bytes.
+"""Scoring types: windows over the validation stream, the per-token NLL stream, and scorers.
 
-The default follows the challenge's eval_val: the stream is truncated to
+These are the objects the eval hooks pass (`pgolf_provide_eval_windows`, `pgolf_provide_scorer`,
+`pgolf_on_scores`). The default follows the challenge's eval_val: the stream is truncated to
 ``((N-1)//L)*L + 1`` tokens and cut into non-overlapping windows of L tokens; every target is
 scored once with the frozen model; NLL is summed in float64 and divided by ln 2 and by the
-bytes those targets cover. Instead of only sums, scoring produces a `TokenScores` stream (one
-NLL per position of the validation stream) that eval-stage techniques transform (PPM) or
-produce themselves (TTT), and that the validity audits inspect.
+bytes those targets cover. Scoring produces a `TokenScores` stream (one NLL per position) that
+eval-stage techniques transform (PPM) or produce themselves (TTT), and that the audits inspect.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pgolf.bpb import loss_and_bpb
 from pgolf.context import RunContext
+from pgolf.data.bpb import loss_and_bpb
 
 
 @dataclass
@@ -71,7 +71,8 @@ class TokenScores:
     probes: dict[int, np.ndarray] = field(default_factory=dict)
     updates: list[tuple[int, int, int]] = field(default_factory=list)  # (tick, lo, hi) target ranges
     clock: int = 0
-    windows: EvalWindows | None = None
+    windows: EvalWindows | None = None  # set by the host: the windows the scorer actually scored
+    probe_at: frozenset[int] = frozenset()  # set by the host: where scorers fill `probes`
 
     @classmethod
     def empty(cls, tokens: np.ndarray, byte_counts: np.ndarray) -> TokenScores:
@@ -126,9 +127,24 @@ class TokenScores:
 
 
 class Scorer(Protocol):
-    """Turns a model and windows over a token stream into TokenScores."""
+    """Turns a model and windows over a token stream into TokenScores.
 
-    audit_tokens: int  # minimum stream length for a causality audit that exercises the scorer
+    A scorer's duties, which the validity audits check on every run:
+    - score each target of `windows` exactly once, through `TokenScores.add` at a tick taken
+      with `TokenScores.tick()` (several windows may share a tick);
+    - fill ``scores.probes[p]`` with the full log-distribution at every position p of
+      ``scores.probe_at`` that it scores (the normalization audit);
+    - before every adaptation step, call ``scores.record_update(lo, hi, tick)`` with the target
+      range it trains on and a fresh tick, after those targets were scored (score before update);
+    - score only this rank's share under DDP (`rank_share`); the host reduces the ranks' scores;
+    - set ``audit_tokens`` to the stream length a causality audit needs to exercise it (a TTT
+      scorer needs several chunks), and give `windows_for` the windows it really scores when
+      they differ from the ones it is given (document-wise scoring).
+    """
+
+    audit_tokens: int
+
+    def windows_for(self, windows: EvalWindows, tokens: np.ndarray, ctx: RunContext) -> EvalWindows: ...
 
     def __call__(self, model: nn.Module, scores: TokenScores, windows: EvalWindows, ctx: RunContext) -> None: ...
 
@@ -185,32 +201,17 @@ class WindowScorer:
 
     audit_tokens = 0
 
+    def windows_for(self, windows: EvalWindows, tokens: np.ndarray, ctx: RunContext) -> EvalWindows:
+        return windows
+
     def __call__(self, model: nn.Module, scores: TokenScores, windows: EvalWindows, ctx: RunContext) -> None:
         model.eval()
         tick = scores.tick()
         batch_tokens = max(ctx.recipe.eval.batch_tokens // max(ctx.dist.world_size, 1), windows.seq_len)
-        probes = set(ctx.audit_positions)
+        probes = set(scores.probe_at)
         with torch.inference_mode():
             for idx in batches(windows, rank_share(len(windows), ctx), batch_tokens):
                 score_batch(model, scores, windows, idx, ctx, tick, probes)
-
-
-def evaluate_stream(model: nn.Module, tokens: np.ndarray, byte_counts: np.ndarray, ctx: RunContext,
-                    techniques: bool = True) -> TokenScores:
-    """Windows -> scorer -> transforms over one token stream (the full val set or an audit segment)."""
-    scores = TokenScores.empty(tokens, byte_counts)
-    if techniques:
-        windows = ctx.hook.pgolf_provide_eval_windows(ctx=ctx, num_tokens=int(tokens.shape[0]))
-        scorer = ctx.hook.pgolf_provide_scorer(ctx=ctx)
-    else:
-        windows = plain_windows(int(tokens.shape[0]), ctx.recipe.eval_seq_len)
-        scorer = WindowScorer()
-    scores.windows = windows
-    scorer(model, scores, windows, ctx)
-    scores.reduce()
-    if techniques:
-        ctx.hook.pgolf_on_scores(scores=scores, ctx=ctx)
-    return scores
 
 
 def limit_tokens(tokens: np.ndarray, byte_counts: np.ndarray, max_tokens: int | None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,19 @@
+"""Studies: ablations of a recipe's techniques across seeds, judged by the leaderboard's tests.
+
+One idea a module: `spec` (what to ablate: spec files and flags), `designs` (which arms a design
+runs), `plan` (every arm and seed resolved and keyed, nothing trained), `cache` (verified,
+content-addressed stage outputs), `jobs` (one stage output produced by the host's own stage
+functions), `scheduler` (workers, retries, records, the summary), `report` (the ablation table)
+and `stats` (the significance tests).
+
+The ablation directory::
+
+    summary.json                   spec, arms, counts, every run's result, the statistics
+    runs/<arm>-seed<seed>.json     one record per run (its result, or its error and stage)
+    cache/train/<key>/             model.pt (state dict) + train.json (info, hook trace, data reads)
+    cache/export/<key>/            artifact.pga + export.json
+    cache/eval/<key>/              result.json + manifest.json
+    cache/<stage>/<key>/checksums.json  every file's size and SHA-256 (a damaged entry is moved aside, redone)
+    cache/<stage>/<key>.error.json a stage that failed (retried with --retry-failed)
+    logs/<stage>-<key>.log         what each job printed
+"""

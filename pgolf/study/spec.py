@@ -1,0 +1,109 @@
+"""What to ablate: the fields of an `ablations/*.yaml` spec file and of `pgolf ablate`'s flags."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pgolf.config import Provenance, build_dataclass, to_plain
+from pgolf.errors import ConfigError
+from pgolf.recipe import RECIPES_DIR, flag_overrides, read_yaml
+
+Design = Literal["factorial", "one-at-a-time", "leave-one-out"]
+BaselineMode = Literal["all-off", "recipe"]
+DEFAULT_SEEDS = (42, 314, 999)
+
+
+@dataclass
+class AblationSpec:
+    """What to ablate: the fields of an `ablations/*.yaml` file and of `pgolf ablate`'s flags."""
+
+    recipe: str
+    toggle: list[str]
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
+    design: Design = "factorial"
+    baseline: BaselineMode = "all-off"
+    workers: int = 1
+    out: str | None = None
+    scale: str | None = None
+    data: str | None = None
+    tokenizer: str | None = None
+    steps: int | None = None
+    set: list[str] = field(default_factory=list)
+    name: str | None = None
+    description: str = ""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        if not self.toggle:
+            problems.append(("toggle", "name at least one technique to toggle"))
+        elif len(set(self.toggle)) != len(self.toggle):
+            problems.append(("toggle", "a technique is toggled twice"))
+        if not self.seeds:
+            problems.append(("seeds", "give at least one seed (three is the leaderboard's norm)"))
+        elif len(set(self.seeds)) != len(self.seeds):
+            problems.append(("seeds", "a seed is listed twice; every launched seed counts once"))
+        if self.workers < 1:
+            problems.append(("workers", "workers must be at least 1"))
+        return problems
+
+    def overrides(self) -> list[str]:
+        return flag_overrides(self.data, self.tokenizer, None, self.steps, self.set)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+
+def split_list(value: Any) -> Any:
+    """'a,b' -> ['a', 'b'] (flags and spec files may write lists either way)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def is_spec_file(path: Path) -> bool:
+    """An ablation spec names its recipe; a recipe never has a `recipe:` key."""
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        return False
+    data, _ = read_yaml(path)
+    return "recipe" in data
+
+
+def load_spec(path: Path, flags: dict[str, Any]) -> AblationSpec:
+    """An ablation spec file, with command-line flags (those given) taking precedence."""
+    data, lines = read_yaml(path)
+    recipe = data.get("recipe")
+    if isinstance(recipe, str):
+        data["recipe"] = str(resolve_recipe_path(recipe, path.parent))
+    for key in ("toggle", "seeds", "set"):
+        if key in data:
+            data[key] = split_list(data[key])
+    data.update({k: v for k, v in flags.items() if v is not None})
+    data.setdefault("name", path.stem)
+    return build_dataclass(AblationSpec, data, "", Provenance(lines, default_file=str(path)))
+
+
+def spec_from_flags(recipe: Path, flags: dict[str, Any]) -> AblationSpec:
+    data = {"recipe": str(recipe), **{k: v for k, v in flags.items() if v is not None}}
+    if "toggle" not in data:
+        raise ConfigError("no techniques to toggle", key="--toggle",
+                          hint="Pass --toggle a,b (techniques of the recipe, or any installed technique).")
+    return build_dataclass(AblationSpec, data, "", Provenance(default_file="pgolf ablate"))
+
+
+def resolve_recipe_path(name: str, base: Path) -> Path:
+    for candidate in (base / name, Path(name), RECIPES_DIR / name):
+        if candidate.is_file():
+            return candidate.resolve()
+    return base / name  # load_recipe reports the missing file with a suggestion
+
+
+def default_out_dir(spec: AblationSpec) -> Path:
+    """Deterministic, so running the same command again resumes the same ablation."""
+    if spec.name:
+        return Path("runs") / f"ablate-{spec.name}"
+    stem = Path(spec.recipe).stem
+    parts = [stem, *([spec.scale] if spec.scale else []), *spec.toggle]
+    return Path("runs") / re.sub(r"[^A-Za-z0-9_.+-]", "_", "ablate-" + "-".join(parts))
