@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from pgolf.host import Session, load_data, new_model
-from pgolf.loop import LoopHooks, train
+from pgolf.host import Session, load_data, loop_hooks, new_model
+from pgolf.loop import train
 from pgolf.model import GPT
 from pgolf.recipe import load_recipe
 from pgolf.reporter import Reporter
@@ -75,17 +75,6 @@ def matmul_peak(seconds: float, sizes: tuple[int, ...] = (512, 1024, 2048)) -> t
             if cpu > 0.005:  # process_time ticks are coarse; short calls only bound the wall rate
                 best_cpu = max(best_cpu, 2.0 * n**3 / cpu)
     return best_wall, best_cpu
-
-
-def loop_hooks(session: Session) -> LoopHooks:
-    """The hook calls at the loop's seams, as `pgolf.host.train_stage` wires them."""
-    hook, ctx = session.hook, session.ctx
-    return LoopHooks(
-        warmup_phases=lambda m: [p for batch in hook.pgolf_contribute_warmup_phases(model=m, ctx=ctx) for p in batch or []],
-        train_start=lambda m: hook.pgolf_on_train_start(model=m, ctx=ctx),
-        step_start=lambda m: hook.pgolf_on_step_start(model=m, ctx=ctx),
-        step_end=lambda m: hook.pgolf_on_step_end(model=m, ctx=ctx),
-    )
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from pgolf.api import Technique
-from pgolf.host import Session, load_data, new_model
-from pgolf.loop import LoopHooks, train
+from pgolf.host import Session, load_data, loop_hooks, new_model
+from pgolf.loop import train
 from pgolf.recipe import load_recipe
 from pgolf.reporter import Reporter
 
@@ -63,17 +63,6 @@ def session_for(overrides: list[str], scale: str, techniques: bool) -> Session:
     session = Session(recipe, reporter=Reporter(quiet=True))
     load_data(session)
     return session
-
-
-def loop_hooks(session: Session) -> LoopHooks:
-    """The hook calls at the loop's seams, as `pgolf.host.train_stage` wires them."""
-    hook, ctx = session.hook, session.ctx
-    return LoopHooks(
-        warmup_phases=lambda m: [p for batch in hook.pgolf_contribute_warmup_phases(model=m, ctx=ctx) for p in batch or []],
-        train_start=lambda m: hook.pgolf_on_train_start(model=m, ctx=ctx),
-        step_start=lambda m: hook.pgolf_on_step_start(model=m, ctx=ctx),
-        step_end=lambda m: hook.pgolf_on_step_end(model=m, ctx=ctx),
-    )
 
 
 def dispatch_microseconds(session: Session, model: torch.nn.Module, calls: int = 20_000) -> float:

@@ -214,13 +214,7 @@ def train_stage(session: Session) -> Checkpoint:
     params = sum(p.numel() for p in model.parameters())
     session.reporter.log(f"model_params:{params} device:{session.device} world_size:{session.dist.world_size} "
                          f"reserve:{ctx.clock.reserve_seconds:.1f}s")
-    seams = LoopHooks(
-        warmup_phases=lambda m: [p for batch in hook.pgolf_contribute_warmup_phases(model=m, ctx=ctx) for p in batch or []],
-        train_start=lambda m: hook.pgolf_on_train_start(model=m, ctx=ctx),
-        step_start=lambda m: hook.pgolf_on_step_start(model=m, ctx=ctx),
-        step_end=lambda m: hook.pgolf_on_step_end(model=m, ctx=ctx),
-    )
-    result = train(model, compile_and_wrap(session, model), optimizers, session.data, ctx, seams,
+    result = train(model, compile_and_wrap(session, model), optimizers, session.data, ctx, loop_hooks(session),
                    progress=session.reporter.progress)
     session.reporter.done()
     start = time.perf_counter()
@@ -239,6 +233,17 @@ def train_stage(session: Session) -> Checkpoint:
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     trace = stage_trace(session, mark)
     return Checkpoint(state, info, trace, copy.deepcopy(session.data.ledger.reads))
+
+
+def loop_hooks(session: Session) -> LoopHooks:
+    """The hook calls at the training loop's seams (the loop itself never calls hooks)."""
+    hook, ctx = session.hook, session.ctx
+    return LoopHooks(
+        warmup_phases=lambda m: [p for batch in hook.pgolf_contribute_warmup_phases(model=m, ctx=ctx) for p in batch or []],
+        train_start=lambda m: hook.pgolf_on_train_start(model=m, ctx=ctx),
+        step_start=lambda m: hook.pgolf_on_step_start(model=m, ctx=ctx),
+        step_end=lambda m: hook.pgolf_on_step_end(model=m, ctx=ctx),
+    )
 
 
 def train_reserve_seconds(session: Session) -> float:

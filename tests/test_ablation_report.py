@@ -131,3 +131,16 @@ def test_formats_carry_the_same_numbers():
     text = console.export_text()
     assert "sliding_window" in text and "(baseline)" in text and "interaction: ema x sliding_window" in text
     assert f"{arm(summary, 'ema+sliding_window')['bytes_max']:,}" in text
+
+
+@pytest.mark.parametrize("content", [b"{not json", b'{"runs": 3}', b"\xff\xfe"])
+def test_a_damaged_summary_is_one_clear_error_not_a_traceback(tmp_path, content):
+    from typer.testing import CliRunner
+
+    from pgolf.cli import app
+
+    (tmp_path / "summary.json").write_bytes(content)
+    outcome = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert outcome.exit_code == 2
+    assert "summary.json is damaged" in outcome.output and "pgolf ablate" in outcome.output
+    assert "Traceback" not in outcome.output
