@@ -26,6 +26,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="pgolf: run, ablate and judge Parameter Golf techniques on one shared lifecycle.")
 data_app = typer.Typer(no_args_is_help=True, help="Prepare data: the challenge's FineWeb shards or your own text.")
 app.add_typer(data_app, name="data")
+records_app = typer.Typer(no_args_is_help=True, help="Challenge records folders stored as arms for `pgolf stats` "
+                          "(record:NAME).")
+app.add_typer(records_app, name="records")
 console = Console()
 err_console = Console(stderr=True)
 T = TypeVar("T")
@@ -216,14 +219,6 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     guarded(debug, body)
 
 
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise PgolfError(f"{flag} expects comma-separated numbers, got '{text}'",
-                         hint=f"For example: {flag} 1.0811,1.0809,1.0815") from None
-
-
 def _ints(text: str, flag: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -266,29 +261,49 @@ def ablate(
     steps: int | None = STEPS_OPTION,
     set_: list[str] = SET_OPTION,
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run again the stages that failed before."),
-    fmt: str = typer.Option("table", "--format", help="table | md | csv | json."),
+    plan: bool = typer.Option(False, "--plan", help="List the stage jobs to run and the outputs already cached, "
+                              "with projected device time and cost; run nothing."),
+    gpu_hour_usd: float | None = typer.Option(None, help="Price of one GPU-hour in USD: turns projected time into money."),
+    gpus_per_job: int | None = typer.Option(None, help="GPUs each stage job holds (default 1: pgolf ablate runs each "
+                                            "job on one GPU)."),
+    max_usd: float | None = typer.Option(None, help="Refuse to start (exit 2) a study projected to cost more than "
+                                         "this, or whose cost cannot be projected; needs --gpu-hour-usd."),
+    stop_when_decided: bool | None = typer.Option(None, "--stop-when-decided/--all-seeds", help="Skip the seeds "
+                                                  "left once no outcome of them could change any arm's verdict."),
+    fmt: str = typer.Option("table", "--format", help="table | md | csv | json (--plan: json, or text otherwise)."),
     plot: Path | None = typer.Option(None, help="Also draw each arm's val_bpb with its CI to this PNG (needs matplotlib)."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Toggle techniques across seeds; train once per distinct model; Welch tests against the baseline arm."""
 
-    def body() -> dict[str, Any]:
-        from pgolf.study.scheduler import run_ablation
+    def body() -> dict[str, Any] | None:
+        from pgolf.study.budget import check_budget, render_projection
+        from pgolf.study.scheduler import project_ablation, run_ablation
         from pgolf.study.spec import is_spec_file, load_spec, spec_from_flags, split_list
 
         flags = {"toggle": split_list(toggle), "seeds": _ints(seeds, "--seeds") if seeds else None,
                  "design": design, "baseline": baseline, "workers": workers, "out": str(out) if out else None,
                  "scale": scale, "data": str(data) if data else None,
-                 "tokenizer": str(tokenizer) if tokenizer else None, "steps": steps, "set": list(set_) or None}
+                 "tokenizer": str(tokenizer) if tokenizer else None, "steps": steps, "set": list(set_) or None,
+                 "gpu_hour_usd": gpu_hour_usd, "gpus_per_job": gpus_per_job, "max_usd": max_usd,
+                 "stop_when_decided": stop_when_decided}
         spec = load_spec(target, flags) if is_spec_file(target) else spec_from_flags(target, flags)
         log = lambda message: err_console.print(message, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
+        if plan:
+            directory, planned, projection = project_ablation(spec, retry_failed=retry_failed, log=log)
+            if fmt == "json":
+                sys.stdout.write(json.dumps({"out": str(directory), **projection.to_dict()}, indent=2) + "\n")
+            else:
+                sys.stdout.write(render_projection(projection, planned, directory))
+            check_budget(projection, spec.max_usd)
+            return None
         directory, summary = run_ablation(spec, retry_failed=retry_failed, log=log)
         render_ablation(summary, fmt, plot)
         err_console.print(f"summary: {directory}/summary.json", markup=False, highlight=False)
         return summary
 
     summary = guarded(debug, body)
-    if any(run["status"] != "ok" for run in summary["runs"]):
+    if summary is not None and any(run["status"] not in ("ok", "skipped") for run in summary["runs"]):
         raise typer.Exit(1)
 
 
@@ -297,6 +312,8 @@ def report(
     directory: Path = typer.Argument(..., help="An ablation directory written by pgolf ablate."),
     fmt: str = typer.Option("table", "--format", help="table | md | csv | json."),
     plot: Path | None = typer.Option(None, help="Also draw each arm's val_bpb with its CI to this PNG (needs matplotlib)."),
+    html: Path | None = typer.Option(None, "--html", help="Also write one self-contained HTML page: the table, a forest "
+                                     "plot of Δ bpb, loss curves, bytes against the budget, the audits."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Re-render an ablation's table from its stored results (runs nothing)."""
@@ -304,53 +321,149 @@ def report(
     def body() -> None:
         from pgolf.study.report import load_summary
 
-        render_ablation(load_summary(directory), fmt, plot)
+        summary = load_summary(directory)
+        render_ablation(summary, fmt, plot)
+        if html is not None:
+            from pgolf.study.html import write_html
+
+            write_html(directory, summary, html,
+                       log=lambda message: err_console.print(message, markup=False, highlight=False))
+            err_console.print(f"html written to {html}", markup=False, highlight=False)
 
     guarded(debug, body)
 
 
 @app.command("stats")
 def stats_cmd(
-    new: str = typer.Option(..., help="Per-seed scores of the new submission (val_bpb), comma-separated."),
-    old: str = typer.Option(..., help="Per-seed scores of the record it must beat, comma-separated."),
+    new: list[str] = typer.Option(..., help="The new arm: per-seed val_bpb scores, comma-separated (seed:score to "
+                                  "name seeds), or a submission.json or records folder (PATH@KEY reads a block such as "
+                                  "compliance_rerun), or record:NAME stored by `pgolf records import`. Repeat it, or "
+                                  "comma-list paths, to pool sources into one arm."),
+    old: list[str] | None = typer.Option(None, help="The arm it must beat (the previous frontier row), in the same "
+                                         "forms; not used by --method one-sample."),
+    method: str = typer.Option("welch", help="welch: per-seed Welch (ddof=1); summary: Welch from each arm's "
+                               "mean/std/n, as the May-2 rows were computed; paired: seed-matched; one-sample: "
+                               "against --threshold."),
+    threshold: float | None = typer.Option(None, help="--method one-sample: the fixed score the new seeds are tested "
+                                           "against."),
+    two_sided: bool = typer.Option(False, "--two-sided", help="alternative='two-sided' instead of 'less' (as some "
+                                   "submissions printed); it passes only when the new arm is the lower one."),
     margin_nats: float = typer.Option(0.005, help="The written rule's margin in nats per token."),
     tokens_per_byte: float | None = typer.Option(None, help="Tokens per byte of the runs (val_bpb * ln 2 / val_loss), "
-                                                 "to convert the margin to bpb; without it the written rule is not tested."),
+                                                 "to convert the margin to bpb; default: from the submissions' val_bpb "
+                                                 "and val_loss. Without either the written rule is not tested."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     debug: bool = DEBUG_OPTION,
 ) -> None:
-    """Compare two sets of per-seed scores by the leaderboard's one-sided Welch test and the written rule."""
+    """Judge a submission against the record it must beat, by the test the leaderboard ran and the written rule."""
 
     def body() -> None:
-        from pgolf.study import stats
+        from pgolf.study.judge import judge
+        from pgolf.study.submissions import read_arm
 
-        new_scores, old_scores = _floats(new, "--new"), _floats(old, "--old")
-        if len(new_scores) < 2 or len(old_scores) < 2:
-            raise PgolfError("a Welch test needs at least two scores in each of --new and --old",
-                             hint="Give one val_bpb per seed.")
         if tokens_per_byte is not None and tokens_per_byte <= 0:
             raise PgolfError("--tokens-per-byte must be positive", hint="It is val_bpb * ln 2 / val_loss of a run.")
-        c = stats.compare(new_scores, old_scores, tokens_per_byte=tokens_per_byte, margin_nats=margin_nats)
+        judgement = judge(read_arm(new, "--new"), read_arm(old or [], "--old"), method=method,
+                                alternative="two-sided" if two_sided else "less", threshold=threshold,
+                                tokens_per_byte=tokens_per_byte, margin_nats=margin_nats)
         if as_json:
-            print(json.dumps(c.to_dict(), indent=2))
-            return
-        print(f"new: n={c.n_new} mean={c.mean_new:.6f} std={c.std_new:.6f}")
-        print(f"old: n={c.n_old} mean={c.mean_old:.6f} std={c.std_old:.6f}")
-        nats = f" ({c.delta_nats:+.6f} nats at {tokens_per_byte} tokens/byte)" if c.delta_nats is not None else ""
-        print(f"delta (new - old): {c.delta:+.6f} bpb, 95% CI [{c.ci_low:+.6f}, {c.ci_high:+.6f}]{nats}")
-        print(f"one-sided Welch t-test (H1: new lower): t = {c.t:.4f}, Welch df = {c.df:.3f}, p = {c.p_value:.4g}")
-        print(f"  = {stats.SCIPY_CALL}")
-        if c.p_value_margin is not None:
-            print(f"with the {margin_nats}-nat margin ({c.margin_bpb:.6f} bpb): t = {c.t_margin:.4f}, "
-                  f"df = {c.df_margin:.3f}, p = {c.p_value_margin:.4g}")
-        verdict = {True: "PASS", False: "FAIL", None: "not tested (pass --tokens-per-byte)"}
-        print(f"leaderboard practice (p < {stats.PRACTICE_ALPHA}, no margin): {verdict[c.verdicts['practice']]}")
-        print(f"written rule (p < {stats.RULE_ALPHA}, {margin_nats}-nat margin): {verdict[c.verdicts['rule']]}")
-        needed = "not applicable (new is not lower)" if c.seeds_needed is None else str(c.seeds_needed)
-        print(f"seeds per arm to detect this delta at this sigma (power {stats.POWER}, alpha {stats.POWER_ALPHA}): "
-              f"{needed}")
+            print(json.dumps(judgement.to_dict(), indent=2))
+        else:
+            print("\n".join(judgement.text()))
 
     guarded(debug, body)
+
+
+RECORDS_STORE_OPTION = typer.Option(None, "--store", help="The records store (default: $PGOLF_RECORDS_DIR, else "
+                                    "~/.cache/pgolf/records under PGOLF_CACHE_DIR).")
+
+
+@records_app.command("import")
+def records_import(
+    directory: Path = typer.Argument(..., help="A records folder: submission.json, train logs, README.md "
+                                     "(records/track_10min_16mb/<date>_<name>/)."),
+    name: str | None = typer.Option(None, help="The arm's name, for record:NAME (default: the folder's name)."),
+    store: Path | None = RECORDS_STORE_OPTION,
+    pr: int | None = typer.Option(None, help="The pull request the folder came from, kept in the provenance."),
+    replace: bool = typer.Option(False, "--replace", help="Overwrite a stored arm of that name imported from "
+                                 "other files."),
+    as_json: bool = typer.Option(False, "--json", help="Print the stored arm as JSON."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Read a records folder (submission.json and every train log), cross-check them, store it as an arm."""
+
+    def body() -> None:
+        from pgolf.study.records import import_records, summary_lines
+
+        path, payload = import_records(directory, name=name, store=store, pr=pr, replace=replace)
+        if as_json:
+            print(json.dumps(payload, indent=2))
+        else:
+            print("\n".join(summary_lines(path, payload)))
+
+    guarded(debug, body)
+
+
+@records_app.command("list")
+def records_list(
+    store: Path | None = RECORDS_STORE_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """The arms stored by `pgolf records import`, each verified against its own checksum."""
+
+    def body() -> None:
+        from pgolf.study.records import list_rows
+
+        folder, rows = list_rows(store)
+        if as_json:
+            print(json.dumps({"store": str(folder), "arms": rows}, indent=2))
+            return
+        if not rows:
+            print(f"no stored arms in {folder} (add one with `pgolf records import DIR`)")
+            return
+        table = Table(title=f"stored arms in {folder}")
+        for column in ("record", "seeds", "mean val_bpb", "from", "blocks", "warnings", "pr", "date", "source"):
+            table.add_column(column)
+        for row in rows:
+            if row["status"] != "ok":
+                table.add_row(f"record:{row['name']}", "", "", f"[red]damaged[/]: {escape(row['error'])}")
+                continue
+            mean = f"{row['mean_val_bpb']:.8f}" if row["mean_val_bpb"] is not None else "-"
+            table.add_row(escape(f"record:{row['name']}"), str(row["n"]), mean, escape(str(row["from"])),
+                          escape(", ".join(row["blocks"])), str(row["warnings"]),
+                          "" if row["pr"] is None else f"#{row['pr']}", row["date"] or "", escape(row["source"]))
+        (console if console.is_terminal else Console(width=max(console.width, 200))).print(table)
+
+    guarded(debug, body)
+
+
+@app.command()
+def doctor(
+    data: Path | None = typer.Option(None, help="Also check this shard directory: counts, headers, val tokens, tokenizer."),
+    tokenizer: Path | None = TOKENIZER_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Check this machine (and --data) before spending money on it; exit 1 when a check fails."""
+
+    def body() -> int:
+        import os
+
+        from pgolf.doctor import DoctorInputs, exit_code, render_table, report_json, run_checks, summary_line
+
+        findings = run_checks(DoctorInputs(data=data, tokenizer=tokenizer, environ=dict(os.environ)), reraise=debug)
+        if as_json:
+            print(json.dumps(report_json(findings), indent=2))
+        else:
+            # Piped output gets room for the fix column; a terminal keeps its own width.
+            (console if console.is_terminal else Console(width=max(console.width, 160))).print(render_table(findings))
+            console.print(summary_line(findings), highlight=False)
+        return exit_code(findings)
+
+    code = guarded(debug, body)
+    if code:
+        raise typer.Exit(code)
 
 
 @data_app.command("text")

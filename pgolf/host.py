@@ -422,6 +422,7 @@ def eval_stage(session: Session, artifact: Artifact, train_info: Mapping[str, An
     tensors, _meta = artifact.decode()  # verified: a damaged artifact is one clear error
     model = model_with(session, {name: dequantize(qt) for name, qt in tensors.items()})
     session.hook.pgolf_on_artifact_loaded(model=model, ctx=ctx)
+    eval_parts = {"decode": time.perf_counter() - start_stage}
     ds.ledger.merge(artifact.ledger)
     export_info = {**artifact.info, **bytes_info(session, artifact.blob)}  # code bytes of this run's techniques
     tokens, counts = limit_tokens(ds.val_tokens, ds.val_bytes, r.eval.max_tokens)
@@ -432,7 +433,7 @@ def eval_stage(session: Session, artifact: Artifact, train_info: Mapping[str, An
     before = state_checksum(model)
     sync(session.device)
     start = time.perf_counter()
-    scores = evaluate_stream(session, model, tokens, counts, probe_at=probe_at)
+    scores = evaluate_stream(session, model, tokens, counts, probe_at=probe_at, timings=eval_parts)
     sync(session.device)
     eval_seconds = time.perf_counter() - start
     weights_changed = state_checksum(model) != before
@@ -443,8 +444,7 @@ def eval_stage(session: Session, artifact: Artifact, train_info: Mapping[str, An
     start = time.perf_counter()
     scorer = session.hook.pgolf_provide_scorer(ctx=ctx)
     segment = max(4 * r.eval_seq_len + 1, int(getattr(scorer, "audit_tokens", 0)))
-    train_seconds = (train_info["train_seconds"] + train_info.get("averaging_seconds", 0.0)
-                     + export_info["calibration_seconds"])
+    calibration_reads = {"calibration", "frequency"} & {p for p, names in ds.ledger.reads.items() if names}
     audits = {
         "normalization": compliance.normalization(scores),
         "causality": compliance.causality(
@@ -452,10 +452,13 @@ def eval_stage(session: Session, artifact: Artifact, train_info: Mapping[str, An
             r.model.vocab_size, r.seed, segment),
         "score_before_update": compliance.score_before_update(scores, weights_changed),
         "no_val_leakage": compliance.no_val_leakage(ds.ledger, ds, train_sample(ds)),
-        "time_budget": compliance.time_budget(train_seconds, r.train.max_wallclock_seconds
-                                              or compliance.CHALLENGE_TRAIN_SECONDS, eval_seconds, r.eval.max_seconds),
+        "time_budget": compliance.time_budget(
+            train_info["train_seconds"], train_info.get("averaging_seconds", 0.0), export_info["calibration_seconds"],
+            bool(calibration_reads), r.train.max_wallclock_seconds or compliance.CHALLENGE_TRAIN_SECONDS,
+            eval_parts, ("scoring", "transforms"), r.eval.max_seconds, r.eval.compliance_policy),
         "byte_budget": compliance.byte_budget(export_info["bytes_total"], r.export.budget_bytes),
         "byte_accounting": compliance.byte_accounting(ds),
+        "data_fingerprint": compliance.data_fingerprint(ds, n_tokens, n_bytes),
     }
     audits["normalization"]["detail"] = {**audits["normalization"]["detail"], **compliance.exactly_once(scores)}
     eval_info = {"val_loss": val_loss, "val_bpb": val_bpb, "val_tokens": n_tokens, "val_bytes": n_bytes,
@@ -490,9 +493,12 @@ class SilentTechniques(RegistryError):
 
 
 def evaluate_stream(session: Session, model: nn.Module, tokens: np.ndarray, byte_counts: np.ndarray,
-                    probe_at: frozenset[int] = frozenset(), techniques: bool = True) -> TokenScores:
-    """Windows -> scorer -> transforms over one token stream (the validation set or an audit segment)."""
+                    probe_at: frozenset[int] = frozenset(), techniques: bool = True,
+                    timings: dict[str, float] | None = None) -> TokenScores:
+    """Windows -> scorer -> transforms over one token stream (the validation set or an audit segment);
+    `timings` receives the seconds of scoring (windows, scorer, reduction) and of the transforms."""
     ctx = session.ctx
+    start = time.perf_counter()
     scores = TokenScores.empty(tokens, byte_counts)
     scores.probe_at = probe_at
     if techniques:
@@ -504,8 +510,11 @@ def evaluate_stream(session: Session, model: nn.Module, tokens: np.ndarray, byte
     scores.windows = windows
     scorer(model, scores, windows, ctx)
     scores.reduce()
+    scored = time.perf_counter()
     if techniques:
         session.hook.pgolf_on_scores(scores=scores, ctx=ctx)
+    if timings is not None:
+        timings.update(scoring=scored - start, transforms=time.perf_counter() - scored)
     return scores
 
 

@@ -156,6 +156,9 @@ class EvalConfig:
     max_seconds: float = 600.0
     max_tokens: int | None = None  # score only the first N validation tokens (quick looks; marked partial)
     audit_positions: int = 8  # positions sampled by the normalization and causality audits
+    # How the time audit grades a run where the maintainers were inconsistent (pgolf.compliance.time_budget);
+    # both verdicts are always recorded.
+    compliance_policy: Literal["strict", "as-accepted"] = "strict"
 
 
 @dataclass

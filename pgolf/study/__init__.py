@@ -3,8 +3,10 @@
 One idea a module: `spec` (what to ablate: spec files and flags), `designs` (which arms a design
 runs), `plan` (every arm and seed resolved and keyed, nothing trained), `cache` (verified,
 content-addressed stage outputs), `jobs` (one stage output produced by the host's own stage
-functions), `scheduler` (workers, retries, records, the summary), `report` (the ablation table)
-and `stats` (the significance tests).
+functions), `scheduler` (workers, retries, records, the summary), `report` (the ablation table),
+`html` (the same as one self-contained page), `stats` (the significance tests), `judge` (a
+submission judged by the tests the maintainers printed) and `submissions` (per-seed scores from
+comma lists, submission.json files and records folders).
 
 The ablation directory::
 

@@ -1,9 +1,14 @@
 """Jobs: one stage output each, produced by the host's own stage functions from the stored product
-of the stage before (in this process or in a worker); a failure is recorded, never raised."""
+of the stage before (in this process or in a worker); a failure is recorded, never raised.
+
+A train job also keeps the training metrics (`metrics.jsonl`, one line per logged step) in the
+entry it produces, under the entry's checksums, so `pgolf report --html` can draw loss curves
+from verified content. Entries written before this have none."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import traceback
 from dataclasses import dataclass
@@ -18,6 +23,8 @@ from pgolf.recipe import recipe_from_dict
 from pgolf.registry import Stage
 from pgolf.reporter import Reporter
 from pgolf.study.cache import CorruptCacheEntry, StageCache
+
+METRICS_FILE = "metrics.jsonl"  # in a train entry: training loss per logged step, as `pgolf run` writes it
 
 
 @dataclass
@@ -39,10 +46,25 @@ class Job:
         return self.stage, self.key
 
 
+def _metrics_dir(job: Job) -> Path | None:
+    """Beside the job's log (`logs/train-<key>/`), emptied first: a retried job must not append to a failed one."""
+    if job.stage != "train":
+        return None
+    folder = Path(job.log_path).with_suffix("")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / METRICS_FILE).unlink(missing_ok=True)
+    return folder
+
+
 def _train_job(session: Session, job: Job, cache: StageCache) -> None:
     checkpoint = train_stage(session)
+    metrics = session.ctx.metrics.path
     with cache.writing("train", job.key) as tmp:
         checkpoint.write(tmp, key=job.material)
+        if metrics is not None and metrics.is_file():
+            shutil.copyfile(metrics, tmp / METRICS_FILE)
+        else:  # nothing was logged (train.log_every=0): an empty file says so, unlike an older entry's absence
+            (tmp / METRICS_FILE).touch()
 
 
 def _export_job(session: Session, job: Job, cache: StageCache) -> None:
@@ -71,7 +93,8 @@ def execute_job(job: Job) -> dict[str, Any]:
     cache = StageCache(Path(job.cache_root), log=reporter.log)
     reporter.log(f"== {job.stage} {job.key} for {job.label} (pid {os.getpid()})")
     try:
-        session = Session(recipe_from_dict(job.recipe, Provenance(default_file=job.label)), reporter=reporter)
+        session = Session(recipe_from_dict(job.recipe, Provenance(default_file=job.label)), reporter=reporter,
+                          metrics_dir=_metrics_dir(job))
         load_data(session)
         STAGE_JOBS[job.stage](session, job, cache)
     except Exception as exc:  # a failing run is a result: record it and let the other runs go on

@@ -1,5 +1,10 @@
-"""Running a plan: schedule the missing stage jobs over worker processes, record every run as it
-finishes, write the summary; resumable after a kill, one invocation per directory at a time."""
+"""Running a plan: project its cost, schedule the missing stage jobs over worker processes, record every
+run as it finishes, write the summary; resumable after a kill, one invocation per directory at a time.
+
+Each finished job's wall time goes into `job_seconds.json` (the next projection's measurements).
+With `stop_when_decided` the runs go seed by seed across the arms, and once `budget.decide` finds
+every verdict settled the jobs not yet started are dropped and their runs recorded as skipped.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,21 @@ import pgolf
 from pgolf.config import to_plain
 from pgolf.errors import ConfigError
 from pgolf.registry import STAGES, Stage
+from pgolf.study.budget import (
+    JOB_SECONDS_FILE,
+    STOP_RULE,
+    ArmScores,
+    Projection,
+    all_decided,
+    check_budget,
+    cost_signatures,
+    decide,
+    job_seconds_payload,
+    project,
+    read_job_seconds,
+    seed_major,
+    survey,
+)
 from pgolf.study.cache import CorruptCacheEntry, StageCache, write_json_atomic
 from pgolf.study.jobs import Job, execute_job
 from pgolf.study.plan import Plan, PlannedRun, plan_ablation
@@ -111,40 +131,35 @@ def exclusive(out: Path) -> Iterator[None]:
 class Ablation:
     """Runs a plan: schedules the missing stage jobs, records runs as they finish, writes the summary."""
 
-    def __init__(self, plan: Plan, out: Path, log: Log, retry_failed: bool = False) -> None:
+    def __init__(self, plan: Plan, out: Path, log: Log, retry_failed: bool = False,
+                 stop_when_decided: bool = False) -> None:
         self.plan, self.out, self.log, self.retry_failed = plan, out, log, retry_failed
+        self.stop_when_decided = stop_when_decided
         self.cache = StageCache(out / "cache", log=log)  # reports damaged entries it moves aside
         self.ran: dict[Stage, set[str]] = {s: set() for s in STAGES}
         self.failed: dict[tuple[Stage, str], str] = {}  # this invocation's failures (and stored ones)
         self.records: dict[str, dict[str, Any]] = {}
+        self.job_seconds = read_job_seconds(out)
+        self.stopped: dict[str, Any] | None = None  # the verdicts that let the study stop early
         self.started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
     # - jobs -
 
     def jobs(self) -> tuple[dict[tuple[Stage, str], Job], dict[tuple[Stage, str], tuple[Stage, str] | None]]:
-        """The stage outputs still missing, each with the job it waits for."""
+        """The stage outputs still missing, each with the job it waits for (seed by seed when stopping early)."""
         jobs: dict[tuple[Stage, str], Job] = {}
         deps: dict[tuple[Stage, str], tuple[Stage, str] | None] = {}
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
-        for run in self.plan.runs:
-            if run.keys is None or self.cache.done("eval", run.keys.eval):
-                continue
-            previous: tuple[Stage, str] | None = None
-            for stage in STAGES:
-                key = run.keys.of(stage)
-                if self.cache.done(stage, key):  # a later stage still waits on a redone earlier one:
-                    continue                         # eval reads train.json even when the export is cached
-                stored = self.cache.error(stage, key)
-                if stored is not None and not self.retry_failed:
-                    self.failed[(stage, key)] = stored["error"]
-                    break
-                self.cache.clear_error(stage, key)
-                if (stage, key) not in jobs:
-                    jobs[(stage, key)] = Job(stage, key, run.recipe, str(self.cache.root), run.keys.train,
-                                             run.keys.export, run.material[stage], run.label,
-                                             str(self.out / "logs" / f"{stage}-{key}.log"))
-                    deps[(stage, key)] = previous
-                previous = (stage, key)
+        order = seed_major(self.plan) if self.stop_when_decided else self.plan.runs
+        for output in survey(order, self.cache, self.retry_failed):
+            if output.state == "failed":
+                self.failed[output.id] = output.error or "failed before"
+            elif output.state == "run":
+                self.cache.clear_error(output.stage, output.key)  # retried: its old failure no longer stands
+                run, stage, key = output.runs[0], output.stage, output.key
+                jobs[output.id] = Job(stage, key, run.recipe, str(self.cache.root), run.keys.train, run.keys.export,
+                                      run.material[stage], run.label, str(self.out / "logs" / f"{stage}-{key}.log"))
+                deps[output.id] = output.after
         return jobs, deps
 
     def run(self, workers: int) -> dict[str, Any]:
@@ -158,8 +173,46 @@ class Ablation:
                  + ", ".join(f"{sum(1 for j in jobs if j[0] == s)} {s}" for s in STAGES) + " job(s) to do")
         self._finalize_ready()
         self._schedule(jobs, deps, workers)
+        if self.stopped is not None:
+            self._record_skipped()
         summary = self.write_summary()
         return summary
+
+    # - stopping when decided -
+
+    def _arm_scores(self) -> dict[str, ArmScores]:
+        """Each arm's finished val_bpb and the seeds of it still to come (neither finished nor failed)."""
+        out = {}
+        for arm in self.plan.arms:
+            runs = [r for r in self.plan.runs if r.arm == arm]
+            done = [self.records[r.record_name] for r in runs if r.record_name in self.records]
+            results = [d["result"] for d in done if d["status"] == "ok"]
+            rates = [res["tokens_per_byte"] for res in results if res.get("tokens_per_byte")]
+            out[arm.id] = ArmScores(tuple(res["val_bpb"] for res in results), len(runs) - len(done),
+                                    float(sum(rates) / len(rates)) if rates else None)
+        return out
+
+    def _decided(self) -> bool:
+        """True (and the verdicts kept for the summary) once no remaining seed can change a verdict."""
+        scores = self._arm_scores()
+        baseline = self.plan.baseline.id
+        verdicts = decide(scores[baseline], {a: s for a, s in scores.items() if a != baseline})
+        if not all_decided(verdicts):
+            return False
+        self.stopped = {"rule": STOP_RULE, "verdicts": verdicts, "skipped": []}
+        return True
+
+    def _record_skipped(self) -> None:
+        assert self.stopped is not None
+        reason = "skipped: every verdict was already decided (--stop-when-decided)"
+        for run in self.plan.runs:
+            if run.record_name in self.records or self.run_status(run)[0] != "pending":
+                continue
+            record = {"arm": run.arm.id, "toggles_on": list(run.arm.on), "seed": run.seed, "status": "skipped",
+                      "keys": to_plain(run.keys) if run.keys else None, "reason": reason}
+            write_json_atomic(self.out / "runs" / run.record_name, record)
+            self.records[run.record_name] = record
+            self.stopped["skipped"].append(run.label)
 
     def _schedule(self, jobs: dict[tuple[Stage, str], Job], deps: dict[tuple[Stage, str], Any], workers: int) -> None:
         pending = dict(jobs)
@@ -170,6 +223,11 @@ class Ablation:
         started = 0
         try:
             while pending or running:
+                if self.stop_when_decided and pending and self.stopped is None and self._decided():
+                    self.log(f"every verdict is decided: {len(pending)} job(s) not started are skipped "
+                             f"({len(running)} running finish)")
+                    pending.clear()
+                    continue
                 for job_id in [j for j in pending if deps[j] is not None and deps[j] in self.failed]:
                     dep = deps[job_id]
                     self.failed[job_id] = f"{dep[0]} failed: {self.failed[dep]}"
@@ -223,10 +281,18 @@ class Ablation:
         if outcome["ok"]:
             self.ran[job.stage].add(job.key)
             self.log(f"    {job.stage} {job.label}: done in {outcome['seconds']:.1f}s")
+            self._record_seconds(job, outcome["seconds"])
         else:
             self.failed[job.id] = outcome["error"]
             self.log(f"    {job.stage} {job.label}: FAILED: {outcome['error']} (log: {job.log_path})")
         self._finalize_ready()
+
+    def _record_seconds(self, job: Job, seconds: float) -> None:
+        """Keep the job's wall time, under its seed-free signature, for later projections."""
+        run = next(r for r in self.plan.runs if r.keys is not None and r.keys.of(job.stage) == job.key)
+        self.job_seconds[job.stage][job.key] = {"seconds": round(seconds, 3), "seed": run.seed,
+                                                "signature": cost_signatures(run.material)[job.stage]}
+        write_json_atomic(self.out / JOB_SECONDS_FILE, job_seconds_payload(self.job_seconds))
 
     # - records -
 
@@ -315,16 +381,33 @@ class Ablation:
             "runs": runs,
         }
         summary["statistics"] = analyse(summary)
+        if self.stopped is not None:
+            summary["stopped_when_decided"] = self.stopped
+            skipped = ", ".join(self.stopped["skipped"]) or "none"
+            summary["statistics"]["warnings"].append(f"stopped when decided: {STOP_RULE}; skipped: {skipped}")
         write_json_atomic(self.out / SUMMARY_FILE, summary)
         return summary
 
 
-def run_ablation(spec: AblationSpec, out: Path | None = None, *, retry_failed: bool = False,
-                 log: Log = print) -> tuple[Path, dict[str, Any]]:
-    """Plan, run what is missing, and return the ablation directory and its summary."""
+def project_ablation(spec: AblationSpec, out: Path | None = None, *, retry_failed: bool = False,
+                     log: Log = print) -> tuple[Path, Plan, Projection]:
+    """Plan the study and project its cost from the verified cache; runs nothing and creates nothing."""
     out = Path(out or spec.out or default_out_dir(spec))
     spec.out = str(out)
+    plan = plan_ablation(spec)
+    runs = seed_major(plan) if spec.stop_when_decided else plan.runs
+    projection = project(plan, StageCache(out / "cache", log=log), out, retry_failed=retry_failed,
+                         gpus_per_job=spec.gpus_per_job, gpu_hour_usd=spec.gpu_hour_usd, runs=runs)
+    return out, plan, projection
+
+
+def run_ablation(spec: AblationSpec, out: Path | None = None, *, retry_failed: bool = False,
+                 log: Log = print) -> tuple[Path, dict[str, Any]]:
+    """Plan, project the cost (refusing a study over spec.max_usd), run what is missing; return the
+    ablation directory and its summary."""
+    out, plan, projection = project_ablation(spec, out, retry_failed=retry_failed, log=log)
+    log(f"projected: {projection.headline()}")
+    check_budget(projection, spec.max_usd)
     with exclusive(out):
-        plan = plan_ablation(spec)
-        summary = Ablation(plan, out, log, retry_failed).run(spec.workers)
+        summary = Ablation(plan, out, log, retry_failed, spec.stop_when_decided).run(spec.workers)
     return out, summary

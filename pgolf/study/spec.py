@@ -34,6 +34,10 @@ class AblationSpec:
     set: list[str] = field(default_factory=list)
     name: str | None = None
     description: str = ""
+    gpu_hour_usd: float | None = None  # the price of one GPU-hour: turns projected device time into money
+    gpus_per_job: int = 1  # pgolf ablate runs each stage job on one GPU
+    max_usd: float | None = None  # refuse to start a study projected to cost more (or of unknown cost)
+    stop_when_decided: bool = False  # skip the seeds left once no outcome of them can change a verdict
 
     def validate(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
@@ -47,6 +51,15 @@ class AblationSpec:
             problems.append(("seeds", "a seed is listed twice; every launched seed counts once"))
         if self.workers < 1:
             problems.append(("workers", "workers must be at least 1"))
+        if self.gpus_per_job < 1:
+            problems.append(("gpus_per_job", "gpus_per_job must be at least 1 (pgolf ablate runs each job on one GPU)"))
+        if self.gpu_hour_usd is not None and not self.gpu_hour_usd >= 0:
+            problems.append(("gpu_hour_usd", f"gpu_hour_usd must be a price of zero or more, got {self.gpu_hour_usd}"))
+        if self.max_usd is not None and not self.max_usd >= 0:
+            problems.append(("max_usd", f"max_usd must be zero or more, got {self.max_usd}"))
+        elif self.max_usd is not None and self.gpu_hour_usd is None:
+            problems.append(("max_usd", "max_usd needs gpu_hour_usd (--gpu-hour-usd, the price of one GPU-hour) "
+                                        "to turn projected device time into money"))
         return problems
 
     def overrides(self) -> list[str]:

@@ -4,7 +4,11 @@ Two conventions decide whether a new arm beats an old one (../shared/reference/c
 the leaderboard's practice, a one-sided Welch t-test of per-seed val_bpb at p < 0.25 with no
 margin, and the written rule, p < 0.01 for an improvement of at least 0.005 nats per token,
 converted to bpb with the runs' own tokens per byte. Both are reported side by side; nothing
-here drops seeds. Only numpy and scipy are imported, so `pgolf stats` starts without torch.
+here drops seeds. `judge` also runs the tests people actually printed (frontier.md §2.2): Welch
+from submission.json's mean and std (which reproduces the May-2 rows, and inherits a population
+SD's downward bias, so it says when a std is one), seed-matched pairs, a one-sample test against
+a fixed score, and two-sided variants; each result carries the exact scipy call that made it.
+Besides pgolf.errors, only numpy and scipy are imported, so `pgolf stats` starts without torch.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from itertools import combinations
 from typing import Any
 
@@ -25,6 +30,7 @@ RULE_ALPHA = 0.01  # the README's written rule
 RULE_MARGIN_NATS = 0.005  # ... for an improvement of at least this many nats per token
 POWER = 0.8
 POWER_ALPHA = 0.01
+CI_LEVEL = 0.95
 MAX_SEEDS = 100_000
 SCIPY_CALL = "scipy.stats.ttest_ind(new, old, equal_var=False, alternative='less')"
 
@@ -50,35 +56,98 @@ def sample_std(values: Sequence[float]) -> float:
 
 
 @dataclass
-class WelchTest:
-    """One-sided Welch t-test of H1: mean(new) + margin < mean(old)."""
+class TTest:
+    """One scipy t-test: statistic, df, p-value, the 95% interval of the difference it tests
+    (new - old, or new - threshold; never shifted by a margin) and the exact call that made it,
+    numbers included, so a reader can paste it into Python and get the same p."""
 
     t: float
     df: float
     p_value: float
+    ci_low: float
+    ci_high: float
+    call: str
 
 
-def welch_less(new: Sequence[float], old: Sequence[float], margin: float = 0.0) -> WelchTest:
-    """`scipy.stats.ttest_ind(new + margin, old, equal_var=False, alternative='less')`.
+def _untested(call: str) -> TTest:
+    return TTest(math.nan, math.nan, math.nan, math.nan, math.nan, call)
+
+
+def _num(x: float) -> str:
+    return repr(float(x))
+
+
+def _array(values: Sequence[float], margin: float = 0.0) -> str:
+    text = "[" + ", ".join(_num(v) for v in values) + "]"
+    return f"np.add({text}, {_num(margin)})" if margin else text
+
+
+def welch(new: Sequence[float], old: Sequence[float], *, alternative: str = "less", margin: float = 0.0) -> TTest:
+    """`scipy.stats.ttest_ind(new + margin, old, equal_var=False)`: Welch's test of per-seed scores (ddof=1).
 
     Shifting the new arm up by the margin turns "new beats old by at least the margin" into
-    the plain one-sided test the leaderboard runs (margin 0).
+    the plain test the leaderboard runs (margin 0). NaN when an arm has fewer than two scores.
     """
+    call = f"scipy.stats.ttest_ind({_array(new, margin)}, {_array(old)}, equal_var=False, alternative='{alternative}')"
     if len(new) < 2 or len(old) < 2:
-        return WelchTest(math.nan, math.nan, math.nan)
-    shifted = np.asarray(new, dtype=np.float64) + margin
-    res = _quiet(sps.ttest_ind, shifted, np.asarray(old, dtype=np.float64), equal_var=False, alternative="less")
-    return WelchTest(float(res.statistic), float(res.df), float(res.pvalue))
+        return _untested(call)
+    a, b = np.asarray(new, dtype=np.float64), np.asarray(old, dtype=np.float64)
+    res = _quiet(sps.ttest_ind, a + margin, b, equal_var=False, alternative=alternative)
+    ci = _quiet(_quiet(sps.ttest_ind, a, b, equal_var=False).confidence_interval, CI_LEVEL)
+    return TTest(float(res.statistic), float(res.df), float(res.pvalue), float(ci.low), float(ci.high), call)
 
 
-def welch_interval(new: Sequence[float], old: Sequence[float], level: float = 0.95) -> tuple[float, float]:
-    """Two-sided confidence interval of mean(new) - mean(old) with Welch's standard error and df."""
-    if len(new) < 2 or len(old) < 2:
-        return math.nan, math.nan
-    res = _quiet(sps.ttest_ind, np.asarray(new, dtype=np.float64), np.asarray(old, dtype=np.float64),
-                 equal_var=False)
-    ci = _quiet(res.confidence_interval, level)
-    return float(ci.low), float(ci.high)
+def welch_from_summary(new: Summary, old: Summary, *, alternative: str = "less", margin: float = 0.0) -> TTest:
+    """`scipy.stats.ttest_ind_from_stats(..., equal_var=False)`: Welch's test from each arm's mean, std and n.
+
+    This is how the May-2 leaderboard rows were computed, from submission.json's `val_bpb` and
+    `val_bpb_std` (../shared/reference/frontier.md §2.2). scipy takes the std as a sample SD;
+    a population SD (ddof=0) shrinks the standard error and the p-value with it.
+    """
+    shifted = f"{_num(new.mean)} + {_num(margin)}" if margin else _num(new.mean)
+    call = (f"scipy.stats.ttest_ind_from_stats({shifted}, {_num(new.std)}, {new.n}, {_num(old.mean)}, "
+            f"{_num(old.std)}, {old.n}, equal_var=False, alternative='{alternative}')")
+    if new.n < 2 or old.n < 2 or not (math.isfinite(new.std) and math.isfinite(old.std)):
+        return _untested(call)
+    res = _quiet(sps.ttest_ind_from_stats, new.mean + margin, new.std, new.n, old.mean, old.std, old.n,
+                 equal_var=False, alternative=alternative)
+    with np.errstate(all="ignore"):
+        vn, vo = np.float64(new.std) ** 2 / new.n, np.float64(old.std) ** 2 / old.n
+        df = float((vn + vo) ** 2 / (vn**2 / (new.n - 1) + vo**2 / (old.n - 1)))
+        half = float(_quiet(sps.t.ppf, 0.5 + CI_LEVEL / 2, df) * np.sqrt(vn + vo))
+    delta = new.mean - old.mean
+    return TTest(float(res.statistic), df, float(res.pvalue), delta - half, delta + half, call)
+
+
+def paired(new: Sequence[float], old: Sequence[float], *, alternative: str = "less", margin: float = 0.0) -> TTest:
+    """`scipy.stats.ttest_rel(new + margin, old)`: the t-test of seed-matched differences.
+
+    new[i] and old[i] ran the same seed (or the same trained artifact): the seed's share of the
+    noise cancels, which makes eval-only and export-only changes testable with few seeds.
+    """
+    call = f"scipy.stats.ttest_rel({_array(new, margin)}, {_array(old)}, alternative='{alternative}')"
+    if len(new) != len(old) or len(new) < 2:
+        return _untested(call)
+    a, b = np.asarray(new, dtype=np.float64), np.asarray(old, dtype=np.float64)
+    res = _quiet(sps.ttest_rel, a + margin, b, alternative=alternative)
+    ci = _quiet(_quiet(sps.ttest_rel, a, b).confidence_interval, CI_LEVEL)
+    return TTest(float(res.statistic), float(res.df), float(res.pvalue), float(ci.low), float(ci.high), call)
+
+
+def one_sample(new: Sequence[float], threshold: float, *, alternative: str = "less", margin: float = 0.0) -> TTest:
+    """`scipy.stats.ttest_1samp(new + margin, threshold)`: the new seeds against a fixed score.
+
+    The March records tested this way, against the record's score minus the margin
+    (../shared/reference/challenge.md §1.2, phase A).
+    """
+    call = f"scipy.stats.ttest_1samp({_array(new, margin)}, {_num(threshold)}, alternative='{alternative}')"
+    if len(new) < 2:
+        return _untested(call)
+    a = np.asarray(new, dtype=np.float64)
+    res = _quiet(sps.ttest_1samp, a + margin, threshold, alternative=alternative)
+    ci = _quiet(_quiet(sps.ttest_1samp, a, threshold).confidence_interval, CI_LEVEL)
+    return TTest(float(res.statistic), float(res.df), float(res.pvalue), float(ci.low) - threshold,
+                 float(ci.high) - threshold, call)
 
 
 def paired_less(new: Mapping[int, float], old: Mapping[int, float]) -> dict[str, Any] | None:
@@ -86,11 +155,58 @@ def paired_less(new: Mapping[int, float], old: Mapping[int, float]) -> dict[str,
     seeds = sorted(new)
     if sorted(old) != seeds or len(seeds) < 2:
         return None
-    a = np.array([new[s] for s in seeds], dtype=np.float64)
-    b = np.array([old[s] for s in seeds], dtype=np.float64)
-    res = _quiet(sps.ttest_rel, a, b, alternative="less")
-    return {"n": len(seeds), "mean_diff": float(np.mean(a - b)), "t": float(res.statistic), "df": float(res.df),
-            "p_value": float(res.pvalue)}
+    a, b = [new[s] for s in seeds], [old[s] for s in seeds]
+    test = paired(a, b)
+    return {"n": len(seeds), "mean_diff": float(np.mean(np.subtract(a, b))), "t": test.t, "df": test.df,
+            "p_value": test.p_value}
+
+
+@dataclass(frozen=True)
+class Summary:
+    """An arm as a submission reports it: mean, standard deviation and number of seeds."""
+
+    mean: float
+    std: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Summary:
+        """The summary of per-seed scores, with the sample SD (ddof=1) that scipy's from-stats test assumes."""
+        return cls(float(np.mean(values)), sample_std(values), len(values))
+
+
+def pool_summaries(parts: Sequence[Summary]) -> Summary:
+    """One arm from several sources' summaries: the mean and sample SD of all their seeds together.
+
+    Exact when every std is a sample SD (ddof=1): the pooled sum of squares is each part's
+    (n - 1) s^2 plus its n (mean - grand mean)^2.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    n = sum(p.n for p in parts)
+    mean = sum(p.n * p.mean for p in parts) / n
+    ss = sum((p.n - 1) * p.std**2 + p.n * (p.mean - mean) ** 2 for p in parts)
+    return Summary(mean, math.sqrt(ss / (n - 1)), n)
+
+
+def printed_precision(x: float) -> float:
+    """Half a unit in the last digit of a number as it was written (0.0009 -> 0.00005)."""
+    exponent = Decimal(repr(float(x))).as_tuple().exponent
+    return 0.5 * 10.0**exponent if isinstance(exponent, int) else 0.0
+
+
+def std_ddof(reported: float, values: Sequence[float]) -> int | None:
+    """Which SD of the seeds a reported std is: 0 (population), 1 (sample) or None (neither).
+
+    A match allows the figure's rounding (half a unit in its last digit) or 1% of that SD,
+    whichever is larger; when both SDs match (many seeds), the nearer one wins.
+    """
+    if len(values) < 2 or not math.isfinite(reported):
+        return None
+    gaps = {ddof: abs(reported - float(np.std(values, ddof=ddof))) for ddof in (0, 1)}
+    matches = {ddof: gap for ddof, gap in gaps.items()
+               if gap <= max(printed_precision(reported), 0.01 * float(np.std(values, ddof=ddof)))}
+    return min(matches, key=lambda ddof: matches[ddof]) if matches else None
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -106,16 +222,19 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return out
 
 
-def power_one_sided(n: int, effect: float, sigma: float, alpha: float = POWER_ALPHA) -> float:
-    """Power of the one-sided two-sample t-test with n seeds per arm (equal variances)."""
-    df = 2 * n - 2
-    crit = sps.t.isf(alpha, df)
-    ncp = abs(effect) / (sigma * math.sqrt(2.0 / n))
-    return float(sps.nct.sf(crit, df, ncp))
+def power_one_sided(n: int, effect: float, sigma: float, alpha: float = POWER_ALPHA, samples: int = 2) -> float:
+    """Power of the one-sided t-test with n seeds: two-sample with n per arm (equal variances), or
+    with samples=1 one-sample and paired (sigma is then the SD of the scores or of the differences)."""
+    if samples == 2:
+        df, ncp = 2 * n - 2, abs(effect) / (sigma * math.sqrt(2.0 / n))
+    else:
+        df, ncp = n - 1, abs(effect) / (sigma / math.sqrt(n))
+    return float(sps.nct.sf(sps.t.isf(alpha, df), df, ncp))
 
 
-def seeds_needed(delta: float, sigma: float, alpha: float = POWER_ALPHA, power: float = POWER) -> int | None:
-    """Seeds per arm for a one-sided t-test at `alpha` to detect `delta` (< 0: new better) with `power`.
+def seeds_needed(delta: float, sigma: float, alpha: float = POWER_ALPHA, power: float = POWER,
+                 samples: int = 2) -> int | None:
+    """Seeds (per arm) for a one-sided t-test at `alpha` to detect `delta` (< 0: new better) with `power`.
 
     None when the new arm is not better (delta >= 0) or the inputs are unknown, or when more
     than MAX_SEEDS would be needed.
@@ -124,14 +243,14 @@ def seeds_needed(delta: float, sigma: float, alpha: float = POWER_ALPHA, power: 
         return None
     if sigma == 0:
         return 2
-    if power_one_sided(MAX_SEEDS, delta, sigma, alpha) < power:
+    if power_one_sided(MAX_SEEDS, delta, sigma, alpha, samples) < power:
         return None
     lo, hi = 2, 2
-    while power_one_sided(hi, delta, sigma, alpha) < power:
+    while power_one_sided(hi, delta, sigma, alpha, samples) < power:
         lo, hi = hi, hi * 2
     while lo < hi:  # power grows with n: the smallest n reaching it
         mid = (lo + hi) // 2
-        if power_one_sided(mid, delta, sigma, alpha) >= power:
+        if power_one_sided(mid, delta, sigma, alpha, samples) >= power:
             hi = mid
         else:
             lo = mid + 1
@@ -181,13 +300,13 @@ def compare(new: Sequence[float], old: Sequence[float], *, tokens_per_byte: floa
     mean_old = float(np.mean(old)) if old else math.nan
     std_new, std_old = sample_std(new), sample_std(old)
     delta = mean_new - mean_old
-    test = welch_less(new, old)
-    ci_low, ci_high = welch_interval(new, old)
+    test = welch(new, old)
+    ci_low, ci_high = test.ci_low, test.ci_high
     margin_bpb = t_m = df_m = p_m = None
     delta_nats = ci_nats = None
     if tokens_per_byte is not None and tokens_per_byte > 0:
         margin_bpb = nats_to_bpb(margin_nats, tokens_per_byte)
-        margin_test = welch_less(new, old, margin_bpb)
+        margin_test = welch(new, old, margin=margin_bpb)
         t_m, df_m, p_m = margin_test.t, margin_test.df, margin_test.p_value
         delta_nats = bpb_to_nats(delta, tokens_per_byte)
         ci_nats = (bpb_to_nats(ci_low, tokens_per_byte), bpb_to_nats(ci_high, tokens_per_byte))
