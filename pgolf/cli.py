@@ -423,16 +423,16 @@ def records_list(
             print(f"no stored arms in {folder} (add one with `pgolf records import DIR`)")
             return
         table = Table(title=f"stored arms in {folder}")
-        for column in ("record", "seeds", "mean val_bpb", "from", "blocks", "warnings", "pr", "date", "source"):
+        for column in ("record", "seeds", "mean val_bpb", "from", "blocks", "warnings", "pr", "date", "folder"):
             table.add_column(column)
         for row in rows:
             if row["status"] != "ok":
-                table.add_row(f"record:{row['name']}", "", "", f"[red]damaged[/]: {escape(row['error'])}")
+                table.add_row(escape(f"record:{row['name']}"), "", "", f"[red]damaged[/]: {escape(row['error'])}")
                 continue
             mean = f"{row['mean_val_bpb']:.8f}" if row["mean_val_bpb"] is not None else "-"
             table.add_row(escape(f"record:{row['name']}"), str(row["n"]), mean, escape(str(row["from"])),
                           escape(", ".join(row["blocks"])), str(row["warnings"]),
-                          "" if row["pr"] is None else f"#{row['pr']}", row["date"] or "", escape(row["source"]))
+                          "" if row["pr"] is None else f"#{row['pr']}", row["date"] or "", escape(row["folder"]))
         (console if console.is_terminal else Console(width=max(console.width, 200))).print(table)
 
     guarded(debug, body)

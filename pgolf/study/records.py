@@ -261,9 +261,11 @@ def _read_submission(file: Path, has_logs: bool) -> tuple[Source | None, dict[st
     object, and warnings about blocks that could not be read."""
     try:
         main: Source | None = read_submission(str(file), FLAG)
-    except NoScoresError:
+    except NoScoresError as exc:
         if not has_logs:
-            raise
+            raise PgolfError(f"{exc.message}, and the folder has no train log to take them from", file=exc.file,
+                             hint="Add the per-seed results to submission.json (\"seed_results\": {\"42\": "
+                                  "{\"val_bpb\": ...}}), or the train logs to the folder.") from None
         main = None
     raw = json.loads(file.read_text(encoding="utf-8"))  # read_submission has checked it is a JSON object
     taken = main.label.rpartition("@")[2] if main is not None and "@" in main.label else None
@@ -521,5 +523,6 @@ def list_rows(store: Path | None) -> tuple[Path, list[dict[str, Any]]]:
         rows.append({"name": payload["name"], "path": str(path), "status": "ok", "n": len(scores),
                      "mean_val_bpb": mean, "from": arm["from"],
                      "blocks": list(payload["blocks"]), "warnings": len(payload["warnings"]), "pr": prov["pr"],
-                     "date": prov["date"], "source": prov["source"], "imported_at": prov["imported_at"]})
+                     "date": prov["date"], "folder": prov["folder"], "source": prov["source"],
+                     "imported_at": prov["imported_at"]})
     return store_dir(store), rows
