@@ -61,6 +61,8 @@ def coerce(value: Any, tp: Any, key: str, prov: Provenance) -> Any:
     if tp is Any:
         return value
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(get_args(tp)):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if value in get_args(tp):
             return value
         hint = suggest(str(value), [str(a) for a in get_args(tp)])

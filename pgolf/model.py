@@ -59,12 +59,19 @@ class Rotary(nn.Module):
         self._cos_cached: Tensor | None = None
         self._sin_cached: Tensor | None = None
 
+    def tables(self, seq_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        t = torch.arange(seq_len, device=device, dtype=self.inv_freq.dtype)
+        freqs = torch.outer(t, self.inv_freq.to(device))
+        return freqs.cos()[None, None, :, :], freqs.sin()[None, None, :, :]
+
     def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        if torch.compiler.is_compiling():
+            # A compiled graph computes its own tables: filling the cache from inside it would fail the
+            # graph's guard (`cache is None`) on the next call and compile the whole model a second time.
+            cos, sin = self.tables(seq_len, device)
+            return cos.to(dtype=dtype), sin.to(dtype=dtype)
         if self._cos_cached is None or self._seq_len_cached != seq_len or self._cos_cached.device != device:
-            t = torch.arange(seq_len, device=device, dtype=self.inv_freq.dtype)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            self._cos_cached = freqs.cos()[None, None, :, :]
-            self._sin_cached = freqs.sin()[None, None, :, :]
+            self._cos_cached, self._sin_cached = self.tables(seq_len, device)
             self._seq_len_cached = seq_len
         assert self._sin_cached is not None
         return self._cos_cached.to(dtype=dtype), self._sin_cached.to(dtype=dtype)

@@ -242,3 +242,9 @@ def test_cli_run_prints_every_mistake_without_a_traceback(tmp_path):
     for where, hint in four_expected(path):
         assert where in result.stderr and (hint is None or hint in result.stderr)
     assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_a_bare_on_or_off_is_the_setting_yaml_would_read_as_a_boolean(tmp_path):
+    path = write(tmp_path, "r.yaml", "base: " + str(BASELINE) + "\ntrain:\n  compile: off\n")
+    assert load_recipe(path).train.compile == "off"
+    assert load_recipe(BASELINE, ["train.compile=on"]).train.compile == "on"
