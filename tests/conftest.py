@@ -62,3 +62,17 @@ def official_tokenizer(name: str) -> Path:
 def micro_recipe():
     """Build a micro-sized recipe (baseline + tiny scale + MICRO + overrides): `pgolf.testing.micro_recipe`."""
     return _micro_recipe
+
+
+def cli_imports_torch(*args: str) -> bool:
+    """Whether `pgolf ARGS` (which must succeed) imports torch, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from pgolf.cli import app; "
+            f"r = CliRunner().invoke(app, {list(args)!r}); assert r.exit_code == 0, r.output; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip() == "True"
+

@@ -9,8 +9,6 @@ import datetime as dt
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ from pgolf.cli import app
 from pgolf.errors import PgolfError
 from pgolf.study import record_store
 from pgolf.study.records import import_records, parse_train_log
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_imports_torch
 
 DATA = json.loads((REPO / "tests" / "data" / "records_folders.json").read_text(encoding="utf-8"))["records"]
 LEADERBOARD = json.loads((REPO / "tests" / "data" / "leaderboard_submissions.json").read_text(encoding="utf-8"))
@@ -348,12 +346,7 @@ def test_records_list(store: dict[str, Path], tmp_path: Path):
 
 
 def test_stats_with_a_stored_arm_does_not_import_torch(store: dict[str, Path]):
-    code = ("import sys; from typer.testing import CliRunner; from pgolf.cli import app; "
-            "r = CliRunner().invoke(app, ['stats', '--new', 'record:1514', '--old', 'record:1493', '--json']); "
-            "assert r.exit_code == 0, r.output; print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert not cli_imports_torch("stats", "--new", "record:1514", "--old", "record:1493", "--json")
 
 
 # --- cross-checks: disagreements are warnings kept in the arm -------------------------------------------

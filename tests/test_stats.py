@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from typer.testing import CliRunner
 from pgolf.cli import app
 from pgolf.study import stats
 from pgolf.study.submissions import read_submission
-from tests.conftest import REPO
+from tests.conftest import REPO, cli_imports_torch
 
 NEW = [1.11508120, 1.11437394, 1.11475014]  # PR #1019's seeds, and PR #549's it beat (challenge.md §1.2)
 OLD = [1.11922988, 1.12002032, 1.11888882]
@@ -207,12 +205,7 @@ def test_pgolf_stats_text():
 
 
 def test_pgolf_stats_does_not_import_torch():
-    code = ("import sys; from typer.testing import CliRunner; from pgolf.cli import app; "
-            "r = CliRunner().invoke(app, ['stats', '--new', '1.0,1.1', '--old', '1.2,1.3', '--json']); "
-            "assert r.exit_code == 0, r.output; print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert not cli_imports_torch("stats", "--new", "1.0,1.1", "--old", "1.2,1.3", "--json")
 
 
 # --- how the leaderboard's printed p-values were computed (frontier.md §2.1-§2.2) ------------------------
