@@ -78,6 +78,7 @@ def test_stage_keys_follow_the_stage_each_toggle_changes(tmp_path):
     assert len({k.eval for k in keys.values()}) == len(keys)
 
 
+@pytest.mark.slow
 def test_stage_keys_see_sections_but_not_logging(tmp_path):
     def keys(*sets):
         return plan_ablation(micro_spec(tmp_path, [STRIDE], sets=sets)).runs[0].keys

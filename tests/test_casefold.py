@@ -178,6 +178,7 @@ def test_what_holds_for_text_sentencepiece_does_not_reproduce(text, sidecar, lut
     assert int(stream_bytes(np.array([BOS_ID, *plain.encode(text)]), build_byte_tables(plain, 8192)).sum()) == lut
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(texts)
 def test_canonical_text_makes_sidecar_lut_and_document_bytes_agree(text):
