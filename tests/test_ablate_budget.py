@@ -278,3 +278,6 @@ def test_stop_when_decided_skips_the_last_seed_of_a_study_decided_after_two(tmp_
     assert "stopped when decided" in result.stdout and "skipped: none seed 3" in result.stdout
     shrink = next(a for a in summary["statistics"]["arms"] if a["id"] == SHRINK)
     assert shrink["comparison"]["verdicts"] == stopped["verdicts"][SHRINK]  # the table agrees with the decision
+    from pgolf.study.report import load_summary
+
+    assert any(w.startswith("stopped when decided") for w in load_summary(tmp_path / "ablation")["statistics"]["warnings"])

@@ -105,7 +105,7 @@ def analyse(summary: dict[str, Any]) -> dict[str, Any]:
         },
         "arms": arms,
         "effects": _effects(summary, arms),
-        "warnings": _warnings(arms, runs),
+        "warnings": _warnings(arms, runs) + _stopped(summary.get("stopped_when_decided")),
     })
 
 
@@ -141,6 +141,13 @@ def _describe_steps(arms: list[dict[str, Any]]) -> str:
             s = a["steps"]
             parts.append(f"{a['label']} {s[0]}" + (f"-{s[-1]}" if len(s) > 1 else ""))
     return ", ".join(parts)
+
+
+def _stopped(stopped: dict[str, Any] | None) -> list[str]:
+    """A study stopped early (--stop-when-decided) says so wherever its table is rendered."""
+    if stopped is None:
+        return []
+    return [f"stopped when decided: {stopped['rule']}; skipped: {', '.join(stopped['skipped']) or 'none'}"]
 
 
 def _warnings(arms: list[dict[str, Any]], runs: list[dict[str, Any]]) -> list[str]:

@@ -380,11 +380,9 @@ class Ablation:
             "counts": self.counts(),
             "runs": runs,
         }
-        summary["statistics"] = analyse(summary)
         if self.stopped is not None:
             summary["stopped_when_decided"] = self.stopped
-            skipped = ", ".join(self.stopped["skipped"]) or "none"
-            summary["statistics"]["warnings"].append(f"stopped when decided: {STOP_RULE}; skipped: {skipped}")
+        summary["statistics"] = analyse(summary)
         write_json_atomic(self.out / SUMMARY_FILE, summary)
         return summary
 
