@@ -399,6 +399,7 @@ def _rank_body(rank: int, world: int, port: int, out: str) -> None:
             if rank == 0:
                 np.save(f"{out}-{mode}.npy", np.stack([scores.nll, scores.count.astype(np.float64)]))
                 assert compliance.score_before_update(scores, True)["passed"]
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort otherwise)
     finally:
         dist.destroy_process_group()
 
