@@ -37,7 +37,7 @@ from pgolf.artifact import code_bytes, encode_artifact, pack
 from pgolf.calibration import collect_hessians
 from pgolf.config import Provenance, freeze, thawed_copy
 from pgolf.context import DataView, Distributed, MetricsLog, RunContext
-from pgolf.data.dataset import Dataset, DistributedTokenLoader, load_dataset
+from pgolf.data.dataset import DataLedger, Dataset, DistributedTokenLoader, load_dataset
 from pgolf.data.shards import read_shard
 from pgolf.defaults import HostDefaults
 from pgolf.errors import ConfigError, DataError, RegistryError, raise_collected
@@ -332,8 +332,9 @@ def export_stage(session: Session, checkpoint: Checkpoint) -> Artifact:
     session.services.end_export()
     session.reporter.log(f"artifact: model {info['bytes_model']:,} + code {info['bytes_code']:,} = "
                          f"{info['bytes_total']:,} bytes (budget {r.export.budget_bytes:,})")
-    ledger = copy.deepcopy(session.data.ledger.reads)
-    return Artifact(blob, info, meta["trace"], merge_ledgers(checkpoint.ledger, ledger))
+    ledger = DataLedger(copy.deepcopy(checkpoint.ledger))
+    ledger.merge(session.data.ledger.reads)
+    return Artifact(blob, info, meta["trace"], ledger.reads)
 
 
 def quantize_state(session: Session, state: Mapping[str, Tensor]
@@ -574,15 +575,6 @@ def stage_trace(session: Session, mark: dict[str, Any]) -> dict[str, Any]:
     delta = session.trace.since(mark)
     session.produced.merge(delta)
     return delta
-
-
-def merge_ledgers(*ledgers: Mapping[str, list[str]]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for ledger in ledgers:
-        for purpose, names in ledger.items():
-            out.setdefault(purpose, [])
-            out[purpose] += [n for n in names if n not in out[purpose]]
-    return out
 
 
 def file_sha(path: Path) -> str:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import pgolf
 from pgolf.errors import DataError
+from pgolf.products import write_json
 from pgolf.registry import STAGES, Enabled, Stage
 
 if TYPE_CHECKING:
@@ -365,7 +366,7 @@ class StageCache:
         self.error_path(stage, key).unlink(missing_ok=True)
 
     def record_error(self, stage: Stage, key: str, payload: dict[str, Any]) -> None:
-        write_json_atomic(self.error_path(stage, key), payload)
+        write_json(self.error_path(stage, key), payload)
 
     # - writing -
 
@@ -407,11 +408,3 @@ class StageCache:
                     shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
                     count += 1
         return count
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write under a temporary name in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -24,6 +24,7 @@ from typing import Any
 import pgolf
 from pgolf.config import to_plain
 from pgolf.errors import ConfigError
+from pgolf.products import write_json
 from pgolf.registry import STAGES, Stage
 from pgolf.study.budget import (
     JOB_SECONDS_FILE,
@@ -40,7 +41,7 @@ from pgolf.study.budget import (
     seed_major,
     survey,
 )
-from pgolf.study.cache import CorruptCacheEntry, StageCache, write_json_atomic
+from pgolf.study.cache import CorruptCacheEntry, StageCache
 from pgolf.study.jobs import Job, execute_job
 from pgolf.study.plan import Plan, PlannedRun, plan_ablation
 from pgolf.study.spec import AblationSpec, default_out_dir
@@ -210,7 +211,7 @@ class Ablation:
                 continue
             record = {"arm": run.arm.id, "toggles_on": list(run.arm.on), "seed": run.seed, "status": "skipped",
                       "keys": to_plain(run.keys) if run.keys else None, "reason": reason}
-            write_json_atomic(self.out / "runs" / run.record_name, record)
+            write_json(self.out / "runs" / run.record_name, record)
             self.records[run.record_name] = record
             self.stopped["skipped"].append(run.label)
 
@@ -292,7 +293,7 @@ class Ablation:
         run = next(r for r in self.plan.runs if r.keys is not None and r.keys.of(job.stage) == job.key)
         self.job_seconds[job.stage][job.key] = {"seconds": round(seconds, 3), "seed": run.seed,
                                                 "signature": cost_signatures(run.material)[job.stage]}
-        write_json_atomic(self.out / JOB_SECONDS_FILE, job_seconds_payload(self.job_seconds))
+        write_json(self.out / JOB_SECONDS_FILE, job_seconds_payload(self.job_seconds))
 
     # - records -
 
@@ -339,7 +340,7 @@ class Ablation:
                     continue
             else:
                 record.update(failed_stage=stage or "plan", error=error)
-            write_json_atomic(self.out / "runs" / run.record_name, record)
+            write_json(self.out / "runs" / run.record_name, record)
             self.records[run.record_name] = record
             changed = True
         if changed:
@@ -383,7 +384,7 @@ class Ablation:
         if self.stopped is not None:
             summary["stopped_when_decided"] = self.stopped
         summary["statistics"] = analyse(summary)
-        write_json_atomic(self.out / SUMMARY_FILE, summary)
+        write_json(self.out / SUMMARY_FILE, summary)
         return summary
 
 
