@@ -1,4 +1,4 @@
-"""Evaluation throughput at the tiny scale: plain, sliding, sliding + SGD TTT, document LoRA TTT, + PPM.
+"""Evaluation throughput at the tiny scale: plain, sliding, sliding + SGD TTT, each LoRA TTT mode, + PPM.
 
 The model is the tiny recipe's GPT (4 layers x 256, eval length 256) with its initial weights
 (speed does not depend on what it learnt); the stream is the first `--tokens` validation tokens
@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,16 @@ from pgolf_plugins.ttt import ChunkedSGDScorer, DocumentLoRAScorer, TTTConfig, T
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_SGD = TTTConfig(mode="sgd", chunk_tokens=4096, batch_seqs=8, lr=0.02)
-TINY_LORA = TTTConfig(mode="lora", lora_rank=16, lora_chunk=64, lora_lr=3e-3)
+TINY_LORA = TTTConfig(mode="lora", lora_rank=8, lora_chunk=128, lora_batch_docs=16, order="stream")
+TINY_PHASED = replace(TINY_LORA, phases=3, prefix_docs=24, chunk_tokens=2048, lr=0.001, epochs=1)
+LORA_ARMS = {
+    "ttt_lora": TINY_LORA,
+    "ttt_lora_fresh_a": replace(TINY_LORA, lora_warm_a=False),
+    "ttt_lora_length_order": replace(TINY_LORA, order="length"),
+    "ttt_lora_short_chunks": replace(TINY_LORA, lora_short_chunks=[[256, 8], [2000, 24]]),
+    "ttt_phased": TINY_PHASED,
+    "ttt_phased_length_order": replace(TINY_PHASED, order="length"),
+}
 
 
 def main() -> None:
@@ -72,7 +82,7 @@ def main() -> None:
         "plain": arm(WindowScorer(), plain),
         "sliding": arm(WindowScorer(), sliding),
         "sliding_ttt_sgd": arm(ChunkedSGDScorer(TINY_SGD, TTTStats("sgd")), sliding),
-        "ttt_lora": arm(DocumentLoRAScorer(TINY_LORA, TTTStats("lora")), plain),
+        **{name: arm(DocumentLoRAScorer(cfg, TTTStats("lora")), plain) for name, cfg in LORA_ARMS.items()},
         "plain_ppm": arm(WindowScorer(), plain, ppm=True),
     }
     reference = arms["plain"]["tokens_per_s_cpu"]
@@ -81,7 +91,10 @@ def main() -> None:
     print(json.dumps({"benchmark": "eval", "scale": "tiny", "tokens": int(tokens.shape[0] - 1),
                       "threads": torch.get_num_threads(), "arms": arms,
                       "ttt_sgd": {"chunk_tokens": TINY_SGD.chunk_tokens, "epochs": TINY_SGD.epochs},
-                      "ttt_lora": {"rank": TINY_LORA.lora_rank, "chunk": TINY_LORA.lora_chunk},
+                      "ttt_lora": {"rank": TINY_LORA.lora_rank, "chunk": TINY_LORA.lora_chunk,
+                                   "batch_docs": TINY_LORA.lora_batch_docs},
+                      "ttt_phased": {"phases": TINY_PHASED.phases, "prefix_docs": TINY_PHASED.prefix_docs,
+                                     "chunk_tokens": TINY_PHASED.chunk_tokens},
                       "val_fraction": round(float(np.float64(tokens.shape[0]) / data.val_tokens.shape[0]), 3)}))
 
 

@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal
 import pluggy
 
 from pgolf.calibration import HessianCollector, collect_hessians, damped_hessian
+from pgolf.codecs import CODER_INSTALL, coder_available, resolve_coder
 from pgolf.context import (
     DataView,
     Distributed,
@@ -51,21 +52,38 @@ from pgolf.data.shards import VAL_BYTES_GLOB, list_shards
 from pgolf.data.textdata import TextTransform, read_manifest
 from pgolf.data.tokenizer import load_tokenizer
 from pgolf.errors import ConfigError, DataError, PgolfError
+from pgolf.loop import grad_accum_steps
 from pgolf.model import GPT, Block
 from pgolf.quant import (
     QuantizedTensor,
     QuantSpec,
+    col_group_mask,
     default_spec,
     dequantize,
     dtype_name,
+    int_rows_tensor,
     qmax,
     quantize_rtn,
+    register_dequantizer,
+    round_codes,
     row_bits,
     row_clip,
     scales_from_clip,
+    spec_row_scales,
+    torch_dtype,
 )
 from pgolf.recipe import DataConfig, EvalConfig, ExportConfig, ModelConfig, OptimConfig, Recipe, TrainConfig
-from pgolf.scores import EvalWindows, Scorer, TokenScores, WindowScorer, batches, plain_windows, rank_share, score_batch
+from pgolf.scores import (
+    EvalWindows,
+    GateCounts,
+    Scorer,
+    TokenScores,
+    WindowScorer,
+    batches,
+    plain_windows,
+    rank_share,
+    score_batch,
+)
 
 PROJECT = "pgolf"
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -113,11 +131,12 @@ class Technique:
 
 __all__ = [
     "GPT", "LEADING_SPACE", "PROJECT", "STAGES", "VAL_BYTES_GLOB", "Block", "ConfigError", "DataConfig", "DataError",
-    "DataView", "Distributed", "EvalConfig", "EvalWindows", "ExportConfig", "HessianCollector", "HostServices",
+    "DataView", "Distributed", "EvalConfig", "EvalWindows", "ExportConfig", "GateCounts", "HessianCollector", "HostServices",
     "MetricsLog", "ModelConfig", "NoConfig", "OptimConfig", "PgolfError", "QuantSpec", "QuantizedTensor", "Recipe",
     "RunContext", "Scorer", "Stage", "Stash", "StashKey", "Technique", "TextTransform", "TokenScores", "TrainClock",
     "TrainConfig", "WarmupPhase", "WindowScorer", "batches", "build_byte_tables", "collect_hessians",
-    "damped_hessian", "default_spec", "dequantize", "dtype_name", "hookimpl", "list_shards", "load_tokenizer",
-    "loss_and_bpb", "plain_windows", "qmax", "quantize_rtn", "rank_share", "read_manifest", "row_bits", "row_clip",
-    "scales_from_clip", "score_batch",
+    "col_group_mask", "damped_hessian", "default_spec", "dequantize", "dtype_name", "grad_accum_steps", "hookimpl", "int_rows_tensor",
+    "list_shards", "load_tokenizer", "loss_and_bpb", "plain_windows", "qmax", "quantize_rtn", "rank_share",
+    "read_manifest", "register_dequantizer", "round_codes", "row_bits", "row_clip", "scales_from_clip", "score_batch",
+    "spec_row_scales", "torch_dtype", "CODER_INSTALL", "coder_available", "resolve_coder",
 ]

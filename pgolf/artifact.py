@@ -1,4 +1,4 @@
-"""The artifact: quantized tensors in a plain container, compressed, plus the counted code bytes.
+"""The artifact: quantized tensors in a plain container, compressed.
 
 Layout on disk: ``b"PGA2"``, one codec byte, one byte-shuffle byte, the 32-byte SHA-256
 digest of the uncompressed payload, then the compressed payload. The payload is ``b"PGQ1"``, a
@@ -6,29 +6,27 @@ digest of the uncompressed payload, then the compressed payload. The payload is 
 metadata needed to rebuild the model: resolved recipe, enabled techniques, BOS id) and the raw
 little-endian tensor bytes. Loading never unpickles anything, and every way a file can be
 damaged (truncated, a flipped bit that the codec still decodes, garbage) is a `DataError`: the
-digest is checked after decompressing and unshuffling, so it covers the whole decode path.
+digest is checked after decompressing and unshuffling, so it covers the whole decode path. The
+pergroup codec's body is its own self-describing frame (`pgolf.codecs`) that decodes to the same payload.
 The challenge counts ``code bytes + compressed model bytes`` against a decimal 16,000,000;
-both numbers come from real bytes, and the digest's 32 bytes are part of the model bytes.
+both numbers come from real bytes (the code is the submission's train_gpt.py, `pgolf.bundle`),
+and the digest's 32 bytes are part of the model bytes.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import importlib
 import json
 import lzma
 import struct
 import zlib
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import brotli
 import numpy as np
 import torch
 
-from pgolf.codecs import CODEC_IDS, CODECS, compress, decompress
+from pgolf.codecs import CODEC_IDS, CODECS, Matrix, compress, decompress
 from pgolf.errors import DataError
 from pgolf.quant import QuantizedTensor, dtype_name, torch_dtype
 
@@ -41,16 +39,6 @@ BODY_OFFSET = len(FILE_MAGIC) + 2 + DIGEST_SIZE  # magic, codec byte, shuffle by
 CODEC_ERRORS = (zlib.error, lzma.LZMAError, brotli.error, ValueError, EOFError, OverflowError)
 
 CORRUPT_HINT = "Copy the file again from where pgolf run wrote it, or re-create it with pgolf run."
-
-# The host modules a submission needs to train and evaluate (CLI, ablation and statistics are
-# tooling, not submission code). Enabled techniques add their own modules.
-SUBMISSION_MODULES = (
-    "pgolf.api", "pgolf.artifact", "pgolf.calibration", "pgolf.codecs", "pgolf.compliance", "pgolf.config",
-    "pgolf.context", "pgolf.data.bpb", "pgolf.data.dataset", "pgolf.data.shards", "pgolf.data.tokenizer",
-    "pgolf.defaults", "pgolf.errors", "pgolf.hookspecs", "pgolf.host", "pgolf.loop", "pgolf.model", "pgolf.optim",
-    "pgolf.products", "pgolf.quant", "pgolf.recipe", "pgolf.registry", "pgolf.runtime", "pgolf.scores",
-)
-
 
 def _tensor_bytes(t: torch.Tensor) -> tuple[bytes, str]:
     t = t.detach().to("cpu").contiguous()
@@ -91,7 +79,8 @@ def _corrupt(what: str) -> DataError:
     return DataError(f"the artifact is corrupt or truncated: {what}", hint=CORRUPT_HINT)
 
 
-def unpack(payload: bytes) -> tuple[dict[str, QuantizedTensor], dict[str, Any]]:
+def _read_header(payload: bytes) -> tuple[dict[str, Any], int]:
+    """The payload's JSON header and where its tensor bytes start."""
     if payload[:4] != PAYLOAD_MAGIC:
         raise _corrupt(f"its payload starts with {bytes(payload[:4])!r}, not {PAYLOAD_MAGIC!r} (bad magic)")
     if len(payload) < 8:
@@ -105,7 +94,19 @@ def unpack(payload: bytes) -> tuple[dict[str, QuantizedTensor], dict[str, Any]]:
         raise _corrupt(f"its header is not valid JSON ({exc})") from None
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list) or "meta" not in header:
         raise _corrupt("its header lacks the 'tensors' list or the 'meta' entry")
-    body = memoryview(payload)[8 + head_len :]
+    return header, 8 + head_len
+
+
+def int8_matrices(payload: bytes) -> list[Matrix]:
+    """Every 2-D int8 part of a payload and where its bytes sit: what the pergroup codec may group."""
+    header, start = _read_header(payload)
+    return [Matrix(t["name"], p["key"], start + p["offset"], *p["shape"])
+            for t in header["tensors"] for p in t["parts"] if p["dtype"] == "int8" and len(p["shape"]) == 2]
+
+
+def unpack(payload: bytes) -> tuple[dict[str, QuantizedTensor], dict[str, Any]]:
+    header, data_start = _read_header(payload)
+    body = memoryview(payload)[data_start:]
     tensors = {}
     for entry in header["tensors"]:
         try:
@@ -125,9 +126,19 @@ def unpack(payload: bytes) -> tuple[dict[str, QuantizedTensor], dict[str, Any]]:
     return tensors, header["meta"]
 
 
-def encode_artifact(payload: bytes, codec: str, level: int | None, shuffle: int) -> bytes:
+def encode_artifact(payload: bytes, codec: str, level: int | None, shuffle: int, coder: str = "auto",
+                    layout: str = "roles") -> bytes:
+    """`coder` and `layout` are pergroup's (`export.group_coder`, `export.group_layout`)."""
     digest = hashlib.sha256(payload).digest()
-    return FILE_MAGIC + bytes([CODEC_IDS[codec], shuffle]) + digest + compress(payload, codec, level, shuffle)
+    matrices = int8_matrices(payload) if codec == "pergroup" else ()
+    body = compress(payload, codec, level, shuffle, matrices, coder, layout)
+    return FILE_MAGIC + bytes([CODEC_IDS[codec], shuffle]) + digest + body
+
+
+def encode_export(payload: bytes, export: Any) -> bytes:
+    """The artifact an `ExportConfig` asks for."""
+    return encode_artifact(payload, export.codec, export.level, export.byte_shuffle, export.group_coder,
+                           export.group_layout)
 
 
 def decode_artifact(blob: bytes) -> tuple[dict[str, QuantizedTensor], dict[str, Any]]:
@@ -153,30 +164,3 @@ def decode_artifact(blob: bytes) -> tuple[dict[str, QuantizedTensor], dict[str, 
     if hashlib.sha256(payload).digest() != digest:
         raise _corrupt("the SHA-256 of its decompressed payload does not match the stored checksum")
     return unpack(payload)
-
-
-@dataclass
-class CodeBytes:
-    raw: int  # UTF-8 bytes of the submission's source files
-    compressed: int  # a self-extracting LZMA + base85 wrapper of them, as records count code
-    files: list[str]
-
-
-def module_files(modules: list[str]) -> list[Path]:
-    files = []
-    for name in modules:
-        module = importlib.import_module(name)
-        if module.__file__:
-            files.append(Path(module.__file__))
-    return files
-
-
-def code_bytes(technique_modules: list[str]) -> CodeBytes:
-    """Bytes of the code a submission would ship: host lifecycle modules + enabled techniques."""
-    names = list(dict.fromkeys([*SUBMISSION_MODULES, *technique_modules]))
-    files = module_files(names)
-    sources = [f.read_bytes() for f in files]
-    joined = b"\n".join(sources)
-    wrapper = (b'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode("'
-               + base64.b85encode(lzma.compress(joined, preset=9)) + b'")))\n')
-    return CodeBytes(raw=sum(len(s) for s in sources), compressed=len(wrapper), files=[f.name for f in files])

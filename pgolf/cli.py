@@ -123,6 +123,10 @@ TOKENIZER_OPTION = typer.Option(None, help="SentencePiece .model for --data.")
 STEPS_OPTION = typer.Option(None, help="Step-matched mode: exactly N steps, no wallclock cap.")
 SET_OPTION = typer.Option([], "--set", help="Override a recipe value: key.path=value (repeatable).")
 DEBUG_OPTION = typer.Option(False, help="Show tracebacks.")
+TRACK_OPTION = typer.Option([], "--track", help="Also log each run to mlflow, tensorboard or wandb (offline), "
+                            "repeatable or comma-separated; each needs its package (pip install \"pgolf[track]\").")
+TRACK_DIR_OPTION = typer.Option(None, "--track-dir", help="Where the trackers write (default: tracking/ in the run "
+                                "or ablation directory); share one across commands to compare their runs.")
 
 
 @app.command()
@@ -137,6 +141,8 @@ def run(
     out: Path | None = typer.Option(None, help="Run directory (default: runs/<recipe>-<scale>-seed<seed>-<time>)."),
     device: str | None = typer.Option(None, help="Force a device (cpu, cuda, cuda:1)."),
     strict: bool = typer.Option(False, help="Exit non-zero when any validity audit fails."),
+    track: list[str] = TRACK_OPTION,
+    track_dir: Path | None = TRACK_DIR_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Run the whole lifecycle: data, train, average, export, round trip, eval, report."""
@@ -146,7 +152,10 @@ def run(
         from pgolf.recipe import flag_overrides, load_recipe
         from pgolf.registry import technique_problems
         from pgolf.runtime import init_distributed
+        from pgolf.tracking import TRACKING_DIR, Tracking, check_installed, parse_names, run_info
 
+        trackers = parse_names(track)
+        check_installed(trackers)
         r = load_recipe(recipe, flag_overrides(data, tokenizer, seed, steps, set_), scale=scale,
                         technique_check=technique_problems)
         out_dir = out or default_out_dir(r.name, r.scale, r.seed)
@@ -155,7 +164,13 @@ def run(
         if main_rank:
             out_dir.mkdir(parents=True, exist_ok=True)
             console.print(f"[bold]pgolf run[/] {recipe} -> {out_dir}")
-        result = run_recipe(r, out_dir, reporter=reporter, device=device)
+        if not (trackers and main_rank):
+            result = run_recipe(r, out_dir, reporter=reporter, device=device)
+        else:  # live: each metrics line as training logs it, then the result once result.json is written
+            tracking = Tracking.open(trackers, track_dir or out_dir / TRACKING_DIR, log=reporter.log)
+            with tracking.run(run_info(r.to_dict(), "run", out_dir.name)):
+                result = run_recipe(r, out_dir, reporter=reporter, device=device, tracking=tracking)
+                tracking.log_result(result)
         if main_rank:
             console.print(summary_table(result))
             console.print(f"results in {out_dir}/result.json")
@@ -253,7 +268,12 @@ def ablate(
     seeds: str | None = typer.Option(None, help="Seeds, comma-separated (default 42,314,999). Every seed counts."),
     design: str | None = typer.Option(None, help="factorial (default) | one-at-a-time | leave-one-out."),
     baseline: str | None = typer.Option(None, help="The arm variants are tested against: all-off (default) | recipe."),
-    workers: int | None = typer.Option(None, help="Worker processes: one run per GPU, or CPU threads divided (default 1)."),
+    workers: int | None = typer.Option(None, help="Worker processes: one run per GPU, or CPU threads divided (default 1). "
+                                       "With --executor ray: at most this many jobs at a time."),
+    executor: str | None = typer.Option(None, help="local (default: worker processes here) | ray (tasks on a running "
+                                        "Ray cluster; --out on storage every node shares; needs pgolf[ray])."),
+    address: str | None = typer.Option(None, help="The Ray cluster's head node, HOST:PORT (default: RAY_ADDRESS, "
+                                       "else the cluster started on this machine)."),
     out: Path | None = typer.Option(None, help="Ablation directory (default: runs/ablate-<recipe>-<scale>-<toggles>)."),
     scale: str | None = SCALE_OPTION,
     data: Path | None = typer.Option(None, help="Directory of challenge shards."),
@@ -272,32 +292,41 @@ def ablate(
                                                   "left once no outcome of them could change any arm's verdict."),
     fmt: str = typer.Option("table", "--format", help="table | md | csv | json (--plan: json, or text otherwise)."),
     plot: Path | None = typer.Option(None, help="Also draw each arm's val_bpb with its CI to this PNG (needs matplotlib)."),
+    track: list[str] = TRACK_OPTION,
+    track_dir: Path | None = TRACK_DIR_OPTION,
     debug: bool = DEBUG_OPTION,
 ) -> None:
     """Toggle techniques across seeds; train once per distinct model; Welch tests against the baseline arm."""
 
     def body() -> dict[str, Any] | None:
         from pgolf.study.budget import check_budget, render_projection
-        from pgolf.study.scheduler import project_ablation, run_ablation
+        from pgolf.study.scheduler import cluster_for, project_ablation, run_ablation
         from pgolf.study.spec import is_spec_file, load_spec, spec_from_flags, split_list
+        from pgolf.tracking import check_installed, parse_names
+
+        trackers = parse_names(track)
+        if not plan:
+            check_installed(trackers)
 
         flags = {"toggle": split_list(toggle), "seeds": _ints(seeds, "--seeds") if seeds else None,
                  "design": design, "baseline": baseline, "workers": workers, "out": str(out) if out else None,
                  "scale": scale, "data": str(data) if data else None,
                  "tokenizer": str(tokenizer) if tokenizer else None, "steps": steps, "set": list(set_) or None,
                  "gpu_hour_usd": gpu_hour_usd, "gpus_per_job": gpus_per_job, "max_usd": max_usd,
-                 "stop_when_decided": stop_when_decided}
+                 "stop_when_decided": stop_when_decided, "executor": executor, "address": address}
         spec = load_spec(target, flags) if is_spec_file(target) else spec_from_flags(target, flags)
         log = lambda message: err_console.print(message, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
         if plan:
-            directory, planned, projection = project_ablation(spec, retry_failed=retry_failed, log=log)
+            with cluster_for(spec, log) as cluster:  # a Ray cluster's device enters the stage keys
+                directory, planned, projection = project_ablation(
+                    spec, retry_failed=retry_failed, log=log, device_kind=cluster.device_kind if cluster else None)
             if fmt == "json":
                 sys.stdout.write(json.dumps({"out": str(directory), **projection.to_dict()}, indent=2) + "\n")
             else:
                 sys.stdout.write(render_projection(projection, planned, directory))
             check_budget(projection, spec.max_usd)
             return None
-        directory, summary = run_ablation(spec, retry_failed=retry_failed, log=log)
+        directory, summary = run_ablation(spec, retry_failed=retry_failed, log=log, track=trackers, track_dir=track_dir)
         render_ablation(summary, fmt, plot)
         err_console.print(f"summary: {directory}/summary.json", markup=False, highlight=False)
         return summary
@@ -329,6 +358,36 @@ def report(
             write_html(directory, summary, html,
                        log=lambda message: err_console.print(message, markup=False, highlight=False))
             err_console.print(f"html written to {html}", markup=False, highlight=False)
+
+    guarded(debug, body)
+
+
+@app.command("export")
+def export_cmd(
+    source: Path = typer.Argument(..., help="A run directory (pgolf run --out) or an ablation directory (pgolf ablate)."),
+    out: Path = typer.Option(..., help="The records folder to write, e.g. records/track_10min_16mb/2026-05-01_name."),
+    arm: str | None = typer.Option(None, help="The ablation's arm to export (its label, e.g. 'ema + ttt', or id)."),
+    base_pr: int | None = typer.Option(None, help="The pull request this submission builds on."),
+    keep_wallclock: bool = typer.Option(False, "--keep-wallclock", help="Keep the recipe's wallclock cap in "
+                                        "train_gpt.py instead of fixing each seed's step count (step-matched)."),
+    author: str | None = typer.Option(None, help="submission.json `author`."),
+    github_id: str | None = typer.Option(None, help="submission.json `github_id`."),
+    name: str | None = typer.Option(None, help="submission.json `name` (default: the recipe and its techniques)."),
+    debug: bool = DEBUG_OPTION,
+) -> None:
+    """Write a challenge records folder: README.md, submission.json, train logs, requirements.txt and one
+    self-contained train_gpt.py (whose size is the code bytes)."""
+
+    def body() -> None:
+        from pgolf.submission_export import CODE_FILE, export_submission
+
+        done = export_submission(source, out, arm=arm, base_pr=base_pr, keep_wallclock=keep_wallclock,
+                                 author=author, github_id=github_id, name=name,
+                                 log=lambda line: err_console.print(line, markup=False, highlight=False))
+        sub = done.submission
+        console.print(f"wrote {escape(str(done.out))}: {CODE_FILE} {done.bundle.size:,} bytes, "
+                      f"{len(sub['seeds'])} seed(s), val_bpb {sub['val_bpb']:.8f}, max total {sub['bytes_total']:,} bytes",
+                      highlight=False)
 
     guarded(debug, body)
 

@@ -25,7 +25,12 @@ from pgolf.scores import TokenScores
 CHALLENGE_TRAIN_SECONDS = 600.0
 NORMALIZATION_TOL = 1e-6
 AUDIT_NAMES = ("normalization", "causality", "score_before_update", "no_val_leakage", "time_budget", "byte_budget",
-               "byte_accounting", "data_fingerprint")
+               "byte_accounting", "data_fingerprint", "mixer_gates")
+# Eval sub-stages the records ran before their eval timer started: decoding the artifact and compile
+# warmup (#2135 train_seed42.log: "ttt_lora:compile warmup done (91.1s)" before "beginning TTT eval
+# timer"). Everything else, an n-gram precompute included, ran inside it (#2135 logs
+# ngram_hint_precompute_outside: False, "precompute_done elapsed=200.89s" within eval_time:540111ms).
+UNTIMED_EVAL_PARTS = ("decode", "compile_warmup")
 
 
 def audit(passed: bool, detail: Any) -> dict[str, Any]:
@@ -160,6 +165,24 @@ def no_val_leakage(ledger: DataLedger, dataset: Dataset, train_token_sample: np.
 POLICIES = ("strict", "as-accepted")
 
 
+def timed_eval_parts(eval_parts: Mapping[str, float]) -> tuple[str, ...]:
+    """The sub-stages the records' eval timer covered (all but `UNTIMED_EVAL_PARTS`)."""
+    return tuple(p for p in eval_parts if p not in UNTIMED_EVAL_PARTS)
+
+
+def mixer_gates(gates: Mapping[str, Any]) -> dict[str, Any]:
+    """How often each channel of every eval-time mixer fired; a channel that must stay off (it reads
+    the target, e.g. the n-gram tilt's within-word and word-start experts, #2140's uncorrected logs)
+    fails the audit if it fired at all."""
+    fired_off = {f"{mixer}.{ch}": int(g.fired.get(ch, 0)) for mixer, g in gates.items() for ch in g.must_stay_off
+                 if g.fired.get(ch, 0)}
+    detail: dict[str, Any] = {mixer: {"fired": {k: int(v) for k, v in g.fired.items()},
+                                      "must_stay_off": list(g.must_stay_off)} for mixer, g in gates.items()}
+    if fired_off:
+        detail["fired_but_must_stay_off"] = fired_off
+    return audit(not fired_off, detail)
+
+
 def time_budget(train_loop_s: float, averaging_s: float, calibration_s: float, calibration_reads_training: bool,
                 train_budget: float, eval_parts_s: Mapping[str, float], timed_parts: Sequence[str],
                 eval_budget: float, policy: str = "strict") -> dict[str, Any]:
@@ -169,8 +192,9 @@ def time_budget(train_loop_s: float, averaging_s: float, calibration_s: float, c
     then calibration that reads training shards), as the #1868 and #1950 compliance reruns did;
     `as-accepted` grades the loop alone, as the accepted rows #1855 and #2135 were (both collected
     Hessians past 600 s). Evaluation: `strict` counts every sub-stage from the artifact's decoding to
-    the final score, warmups included; `as-accepted` only the timed scoring (`timed_parts`), as the
-    records' eval timer began after compile warmup (#1855: 137.6 s of warmup before it).
+    the final score, warmups included; `as-accepted` only the timed ones (`timed_parts`: scoring,
+    transforms and precomputes such as the n-gram hints), as the records' eval timer began after
+    compile warmup (#1855: 137.6 s of warmup before it).
     """
     access_end = train_loop_s + ((averaging_s + calibration_s) if calibration_reads_training else 0.0)
     eval_total = sum(eval_parts_s.values())

@@ -94,7 +94,8 @@ class TrainClock:
 
     step: int = 0
     frac: float = 0.0  # elapsed fraction of the (reserve-adjusted) training budget, or of the steps
-    lr_scale: float = 1.0  # the warmdown multiplier of the current step
+    lr_scale: float = 1.0  # the warmdown multiplier of the current step (a step-start hook may scale it)
+    seq_len: int = 0  # the current step's training sequence length, 0 = train.seq_len (a step-start hook sets it)
     reserve_seconds: float = 0.0  # taken off the wallclock cap for work charged to training
 
 

@@ -37,7 +37,10 @@ returning a value, and the baseline is simply "no techniques enabled"::
     for name, tensor in state_dict:
         spec = host default QuantSpec
         pgolf_on_quant_spec(name, tensor, spec, ctx)     # bits, clip, row split (ordered)
+    pgolf_on_quant_specs(specs, state, ctx)              # choices across tensors (awq_lite)
+    for name, tensor in state_dict:
         q = pgolf_quantize_tensor(name, tensor, spec, ctx)   # RTN by default, GPTQ overrides
+    pgolf_on_quantized(tensors, state, ctx)              # corrections across tensors (lqer)
     host: container -> codec -> artifact; bytes = code + compressed weights   (cache key 2)
     # roundtrip ----------------------------------------------------------------------
     host: verify and decode the artifact into a fresh model (provide_model + on_model_built)
@@ -209,7 +212,10 @@ def pgolf_on_train_start(model: nn.Module, ctx: RunContext) -> None:
 def pgolf_on_step_start(model: nn.Module, ctx: RunContext) -> None:
     """Before each training step; ``ctx.clock.step`` and ``ctx.clock.frac`` (elapsed fraction) are set.
 
-    Used by: recurrence (turns looping on at a fraction of the wallclock).
+    The step then runs with ``ctx.clock.lr_scale`` (the warmdown multiplier, which a hook may scale) and
+    ``ctx.clock.seq_len`` (0 = ``train.seq_len``; a hook may set it; batch_tokens stays fixed).
+    Used by: recurrence (turns looping on at a fraction of the wallclock), progressive_context (the
+    sequence-length stage and its LR re-warmup).
     """
 
 
@@ -277,9 +283,25 @@ def pgolf_on_quant_spec(name: str, tensor: torch.Tensor, spec: QuantSpec, ctx: R
     """
 
 
+@hookspec("export")
+def pgolf_on_quant_specs(specs: dict[str, QuantSpec], state: dict[str, torch.Tensor], ctx: RunContext) -> None:
+    """See every tensor's spec (after `pgolf_on_quant_spec`) before any is quantized; edit them in place.
+
+    For choices ranked across tensors. Used by: awq_lite (the globally most salient column groups).
+    """
+
+
 @hookspec("export", firstresult=True)
 def pgolf_quantize_tensor(name: str, tensor: torch.Tensor, spec: QuantSpec, ctx: RunContext) -> QuantizedTensor | None:
     """Quantize one tensor by its spec (host default: round to nearest). Used by: gptq."""
+
+
+@hookspec("export")
+def pgolf_on_quantized(tensors: dict[str, QuantizedTensor], state: dict[str, torch.Tensor], ctx: RunContext) -> None:
+    """Every tensor is quantized (`state` holds the weights they came from); replace entries of `tensors`.
+
+    For corrections ranked across tensors. Used by: lqer (low-rank error factors on the top-K tensors).
+    """
 
 
 # --- roundtrip ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import inspect
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,7 +33,8 @@ from torch import Tensor, nn
 
 import pgolf
 from pgolf import compliance
-from pgolf.artifact import code_bytes, encode_artifact, pack
+from pgolf.artifact import encode_export, pack
+from pgolf.bundle import code_bytes
 from pgolf.calibration import collect_hessians
 from pgolf.config import Provenance, freeze, thawed_copy
 from pgolf.context import DataView, Distributed, MetricsLog, RunContext
@@ -59,9 +60,14 @@ from pgolf.runtime import (
 )
 from pgolf.scores import TokenScores, WindowScorer, limit_tokens, plain_windows
 
+if TYPE_CHECKING:
+    from pgolf.tracking import Tracking
 
-def run(recipe: Recipe, out_dir: Path, reporter: Reporter | None = None, device: str | None = None) -> dict[str, Any]:
-    """`pgolf run`: every stage in order, the run directory written; returns result.json's content."""
+
+def run(recipe: Recipe, out_dir: Path, reporter: Reporter | None = None, device: str | None = None,
+        tracking: Tracking | None = None) -> dict[str, Any]:
+    """`pgolf run`: every stage in order, the run directory written; returns result.json's content.
+    With `tracking` (main rank), each training metrics line also goes to its trackers as it is written."""
     distributed = init_distributed()
     main = distributed.is_main
     reporter = reporter or Reporter(quiet=not main)
@@ -72,6 +78,8 @@ def run(recipe: Recipe, out_dir: Path, reporter: Reporter | None = None, device:
         reporter.log_path = out_dir / "log.txt"
     session = Session(recipe, reporter=reporter, metrics_dir=out_dir if main else None, distributed=distributed,
                       device=pick_device(distributed, device))
+    if main and tracking is not None:
+        session.ctx.metrics = tracking.metrics_log(session.ctx.metrics)
     if main:
         (out_dir / "config.yaml").write_text(recipe_summary_yaml(recipe), encoding="utf-8")
     seconds: dict[str, float] = {}
@@ -326,9 +334,9 @@ def export_stage(session: Session, checkpoint: Checkpoint) -> Artifact:
     meta = {"pgolf_version": pgolf.__version__, "recipe": session.recipe_dict, "bos_id": ctx.data.bos_id,
             "train": checkpoint.info, "calibration_seconds": calibration, "trace": trace.to_dict()}
     payload = pack(tensors, meta)
-    blob = encode_artifact(payload, r.export.codec, r.export.level, r.export.byte_shuffle)
-    info = {**bytes_info(session, blob), "bytes_payload": len(payload), "calibration_seconds": calibration,
-            "quantize_seconds": time.perf_counter() - start, "quant_notes": notes, "bits": bits}
+    blob = encode_export(payload, r.export)
+    info = {**bytes_info(session, blob, checkpoint.info.get("steps")), "bytes_payload": len(payload),
+            "calibration_seconds": calibration, "quantize_seconds": time.perf_counter() - start, "quant_notes": notes, "bits": bits}
     session.services.end_export()
     session.reporter.log(f"artifact: model {info['bytes_model']:,} + code {info['bytes_code']:,} = "
                          f"{info['bytes_total']:,} bytes (budget {r.export.budget_bytes:,})")
@@ -340,26 +348,33 @@ def export_stage(session: Session, checkpoint: Checkpoint) -> Artifact:
 def quantize_state(session: Session, state: Mapping[str, Tensor]
                    ) -> tuple[dict[str, QuantizedTensor], dict[str, list[str]], dict[str, int]]:
     """Every tensor through the spec hooks and the quantizer, as the artifact stores it."""
-    tensors, notes, bits = {}, {}, {}
-    for name, tensor in state.items():
-        t = tensor.detach().to("cpu")
-        spec = default_spec(name, t, session.recipe.export)
-        session.hook.pgolf_on_quant_spec(name=name, tensor=t, spec=spec, ctx=session.ctx)
-        tensors[name] = session.hook.pgolf_quantize_tensor(name=name, tensor=t, spec=spec, ctx=session.ctx)
+    hook, ctx = session.hook, session.ctx
+    cpu = {name: tensor.detach().to("cpu") for name, tensor in state.items()}
+    specs, tensors, notes, bits = {}, {}, {}, {}
+    for name, t in cpu.items():
+        specs[name] = spec = default_spec(name, t, session.recipe.export)
+        hook.pgolf_on_quant_spec(name=name, tensor=t, spec=spec, ctx=ctx)
+    hook.pgolf_on_quant_specs(specs=specs, state=cpu, ctx=ctx)
+    for name, t in cpu.items():
+        tensors[name] = hook.pgolf_quantize_tensor(name=name, tensor=t, spec=specs[name], ctx=ctx)
+    hook.pgolf_on_quantized(tensors=tensors, state=cpu, ctx=ctx)
+    for name, spec in specs.items():
         if spec.notes:
             notes[name] = spec.notes
         bits[name] = spec.bits if spec.scheme == "int" else {"fp16": 16, "fp32": 32, "raw": 0}[spec.scheme]
     return tensors, notes, bits
 
 
-def bytes_info(session: Session, blob: bytes) -> dict[str, Any]:
-    """Artifact bytes = compressed model + the code this technique set ships."""
+def bytes_info(session: Session, blob: bytes, steps: int | None = None) -> dict[str, Any]:
+    """Artifact bytes = compressed model + the code this run ships: the train_gpt.py `pgolf export`
+    writes for this recipe, step-matched to the `steps` trained (`pgolf.bundle`)."""
     export = session.recipe.export
-    code = code_bytes(sorted({e.cls.__module__ for e in session.enabled}))
+    code = code_bytes(session.recipe_dict, steps)
     counted = code.compressed if export.code_bytes == "compressed" else code.raw
     return {"bytes_model": len(blob), "bytes_code": counted, "bytes_code_raw": code.raw,
             "bytes_code_compressed": code.compressed, "bytes_total": len(blob) + counted,
-            "budget_bytes": export.budget_bytes, "codec": export.codec, "code_files": code.files}
+            "budget_bytes": export.budget_bytes, "codec": export.codec, "code_files": code.files,
+            "code_minified": code.minified, **({"code_note": code.note} if code.note else {})}
 
 
 class Services:
@@ -406,9 +421,8 @@ class Services:
     def measure_export(self, state: Mapping[str, Tensor]) -> int:
         s = self.session
         tensors, _, _ = quantize_state(s, state)
-        blob = encode_artifact(pack(tensors, {}), s.recipe.export.codec, s.recipe.export.level,
-                               s.recipe.export.byte_shuffle)
-        return bytes_info(s, blob)["bytes_total"]
+        blob = encode_export(pack(tensors, {}), s.recipe.export)
+        return bytes_info(s, blob, s.ctx.clock.step)["bytes_total"]
 
 
 # --- eval ---------------------------------------------------------------------------------------
@@ -425,7 +439,7 @@ def eval_stage(session: Session, artifact: Artifact, train_info: Mapping[str, An
     session.hook.pgolf_on_artifact_loaded(model=model, ctx=ctx)
     eval_parts = {"decode": time.perf_counter() - start_stage}
     ds.ledger.merge(artifact.ledger)
-    export_info = {**artifact.info, **bytes_info(session, artifact.blob)}  # code bytes of this run's techniques
+    export_info = {**artifact.info, **bytes_info(session, artifact.blob, train_info.get("steps"))}  # this run's code
     tokens, counts = limit_tokens(ds.val_tokens, ds.val_bytes, r.eval.max_tokens)
     windows = session.hook.pgolf_provide_eval_windows(ctx=ctx, num_tokens=int(tokens.shape[0]))
     cover = windows.expected_coverage(int(tokens.shape[0]))
@@ -440,7 +454,7 @@ def eval_stage(session: Session, artifact: Artifact, train_info: Mapping[str, An
     weights_changed = state_checksum(model) != before
     val_loss, val_bpb = scores.loss_and_bpb()
     nll_sum, n_tokens, n_bytes = scores.totals()
-    session.reporter.log(f"val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} tokens:{n_tokens} bytes:{n_bytes} "
+    session.reporter.log(f"final val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} tokens:{n_tokens} bytes:{n_bytes} "
                          f"eval_time:{eval_seconds:.1f}s")
     start = time.perf_counter()
     scorer = session.hook.pgolf_provide_scorer(ctx=ctx)
@@ -456,7 +470,8 @@ def eval_stage(session: Session, artifact: Artifact, train_info: Mapping[str, An
         "time_budget": compliance.time_budget(
             train_info["train_seconds"], train_info.get("averaging_seconds", 0.0), export_info["calibration_seconds"],
             bool(calibration_reads), r.train.max_wallclock_seconds or compliance.CHALLENGE_TRAIN_SECONDS,
-            eval_parts, ("scoring", "transforms"), r.eval.max_seconds, r.eval.compliance_policy),
+            eval_parts, compliance.timed_eval_parts(eval_parts), r.eval.max_seconds, r.eval.compliance_policy),
+        "mixer_gates": compliance.mixer_gates(scores.gates),
         "byte_budget": compliance.byte_budget(export_info["bytes_total"], r.export.budget_bytes),
         "byte_accounting": compliance.byte_accounting(ds),
         "data_fingerprint": compliance.data_fingerprint(ds, n_tokens, n_bytes),
@@ -497,7 +512,8 @@ def evaluate_stream(session: Session, model: nn.Module, tokens: np.ndarray, byte
                     probe_at: frozenset[int] = frozenset(), techniques: bool = True,
                     timings: dict[str, float] | None = None) -> TokenScores:
     """Windows -> scorer -> transforms over one token stream (the validation set or an audit segment);
-    `timings` receives the seconds of scoring (windows, scorer, reduction) and of the transforms."""
+    `timings` receives the seconds of scoring (windows, scorer, reduction), of the transforms, and of each
+    sub-stage a scorer or transform reported in `TokenScores.stage_seconds` (taken out of the first two)."""
     ctx = session.ctx
     start = time.perf_counter()
     scores = TokenScores.empty(tokens, byte_counts)
@@ -512,10 +528,13 @@ def evaluate_stream(session: Session, model: nn.Module, tokens: np.ndarray, byte
     scorer(model, scores, windows, ctx)
     scores.reduce()
     scored = time.perf_counter()
+    in_scoring = sum(scores.stage_seconds.values())
     if techniques:
         session.hook.pgolf_on_scores(scores=scores, ctx=ctx)
-    if timings is not None:
-        timings.update(scoring=scored - start, transforms=time.perf_counter() - scored)
+    if timings is not None:  # sub-stages a scorer or transform measured are parts of their own
+        in_transforms = sum(scores.stage_seconds.values()) - in_scoring
+        timings.update(scoring=scored - start - in_scoring, transforms=time.perf_counter() - scored - in_transforms,
+                       **scores.stage_seconds)
     return scores
 
 
@@ -592,6 +611,7 @@ def evaluate_target(target: Path, *, data: Path | None = None, tokenizer: Path |
     from pgolf.model import model_fields_from_state
     from pgolf.products import ARTIFACT_FILE, load_state_dict
     from pgolf.recipe import RECIPES_DIR, load_recipe
+    from pgolf.record_checkpoint import from_record_state
 
     target = Path(target)
     if target.is_dir():
@@ -603,7 +623,7 @@ def evaluate_target(target: Path, *, data: Path | None = None, tokenizer: Path |
     reporter = Reporter(quiet=True)
     reporter.log = log  # type: ignore[method-assign]
     if target.suffix == ".pt":
-        state = load_state_dict(target)
+        state = from_record_state(load_state_dict(target))
         base = load_recipe(recipe or RECIPES_DIR / "baseline.yaml", scale=scale).to_dict()
         base["model"] = {**base["model"], **model_fields_from_state(state)}
         session = Session(recipe_from_dict(_with(base, data, tokenizer, with_techniques, overrides),

@@ -23,7 +23,7 @@ from torch import nn
 from pgolf.context import RunContext, WarmupPhase
 from pgolf.data.dataset import Dataset, DistributedTokenLoader
 from pgolf.errors import ConfigError, TrainingError
-from pgolf.optim import Muon, muon_momentum_at
+from pgolf.optim import Muon, muon_momentum_at, muon_weight_decay_at
 from pgolf.recipe import TrainConfig
 
 ModelHook = Callable[[nn.Module], None]
@@ -154,6 +154,9 @@ def train(
         raise ConfigError(f"the training reserve of {reserve:.1f}s leaves no time under the {cfg.max_wallclock_seconds:.0f}s cap",
                           key="train.max_wallclock_seconds")
     muon = [opt for opt in optimizers if isinstance(opt, Muon)]
+    # Document isolation trains on the records' varlen batches: each micro-batch one packed row, documents
+    # cut into pieces of at most the step's sequence length (which a step-start hook may change).
+    packed = ctx.recipe.model.doc_isolation
     if device.type == "cpu":
         retain_freed_memory()
 
@@ -170,15 +173,19 @@ def train(
         for micro in range(accum):
             if ctx.dist.enabled:
                 model.require_backward_grad_sync = micro == accum - 1  # type: ignore[assignment]
-            x, y = loader.next_batch(cfg.batch_tokens, cfg.seq_len, accum)
+            seq_len = clock.seq_len or cfg.seq_len
+            x, y = loader.next_batch(cfg.batch_tokens, seq_len, accum, packed=packed)
             with ctx.autocast():
-                loss = model(x, y)
+                loss = model(x, y, max_doc_len=seq_len) if packed else model(x, y)
             train_loss += loss.detach()
             (loss * grad_scale).backward()
         momentum = muon_momentum_at(step, ctx.recipe.optim)
+        tapered = ctx.recipe.optim.muon_wd_taper_start_frac < 1.0
         for opt in muon:
             for group in opt.param_groups:
                 group["momentum"] = momentum
+                if tapered:  # #1729: keyed to the same elapsed fraction as the LR schedule
+                    group["weight_decay"] = muon_weight_decay_at(ctx.clock.frac, ctx.recipe.optim)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * scale

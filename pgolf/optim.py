@@ -3,7 +3,8 @@
 Faithful to train_gpt.py: 5 Newton-Schulz steps with (3.4445, -4.7750, 2.0315), Nesterov
 momentum, the `max(1, rows/cols)**0.5` scale, and the work split round-robin over ranks with
 one all-reduce of the flattened updates. Options from the record stack: decoupled weight decay
-(``p *= 1 - lr*wd``) and MuonEq-R (each row of the update normalised before Newton-Schulz).
+(``p *= 1 - lr*wd``, optionally tapered late in training), MuonEq-R (each row of the update
+normalised before Newton-Schulz) and Polar Express's per-iteration coefficients.
 On CPU the iteration runs in float32 (bf16 matmuls are ~100x slower there).
 """
 
@@ -13,21 +14,46 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from pgolf.model import CONTROL_TENSOR_NAME_PATTERNS
+from pgolf.errors import ConfigError
+from pgolf.model import CONTROL_TENSOR_NAME_PATTERNS, TRAIN_FROZEN_PARAMETERS
 from pgolf.recipe import OptimConfig
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express (PR #1344, as used by #1787 on): one minimax-optimal (a, b, c) per iteration, for at
+# most five iterations. Figures from #1787's train_gpt.py, `_PE_COEFFS`.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+NS_TABLES = {"default": None, "polar_express": POLAR_EXPRESS_COEFFS}  # None: NS_COEFFS at every step
 
 
-def zeropower_via_newtonschulz5(G: Tensor, steps: int = 10, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalise a 2-D update (bf16 on CUDA, fp32 elsewhere)."""
-    a, b, c = NS_COEFFS
+def newton_schulz_coefficients(kind: str, steps: int) -> list[tuple[float, float, float]]:
+    """The (a, b, c) of each of `steps` iterations. A per-iteration table has no entry past its
+    end, so asking for more steps than it holds is an error rather than a silent cut."""
+    table = NS_TABLES[kind]
+    if table is None:
+        return [NS_COEFFS] * steps
+    if steps > len(table):
+        raise ConfigError(f"muon_backend_steps is {steps}, but the {kind} Newton-Schulz table holds "
+                          f"{len(table)} iterations (expected at most {len(table)})", key="optim.muon_backend_steps",
+                          hint=f"Set optim.muon_backend_steps to {len(table)} (the records' value) or fewer.")
+    return list(table[:steps])
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int = 10, eps: float = 1e-7,
+                                coefficients: list[tuple[float, float, float]] | None = None) -> Tensor:
+    """Approximately orthogonalise a 2-D update (bf16 on CUDA, fp32 elsewhere): X <- aX + (bA + cA^2)X
+    with A = XX^T, one (a, b, c) per iteration (default: the baseline's tuple `steps` times)."""
     X = G.bfloat16() if G.is_cuda else G.float()
     X = X / (X.norm() + eps)
     transposed = G.size(0) > G.size(1)
     if transposed:
         X = X.T
-    for _ in range(steps):
+    for a, b, c in coefficients if coefficients is not None else [NS_COEFFS] * steps:
         A = X @ X.T
         B = b * A + c * A @ A
         X = a * X + B @ X
@@ -44,9 +70,11 @@ class Muon(torch.optim.Optimizer):
         nesterov: bool = True,
         weight_decay: float = 0.0,
         row_normalize: bool = False,
+        ns_coefficients: str = "default",
     ) -> None:
+        newton_schulz_coefficients(ns_coefficients, backend_steps)  # a table too short fails here, not mid-run
         defaults = dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
-                        weight_decay=weight_decay, row_normalize=row_normalize)
+                        weight_decay=weight_decay, row_normalize=row_normalize, ns_coefficients=ns_coefficients)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -63,6 +91,7 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             lr, momentum = group["lr"], group["momentum"]
+            coefficients = newton_schulz_coefficients(group["ns_coefficients"], group["backend_steps"])
             update_dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
             total = sum(int(p.numel()) for p in params)
             updates_flat = torch.zeros(total, device=params[0].device, dtype=update_dtype)
@@ -79,7 +108,7 @@ class Muon(torch.optim.Optimizer):
                         g = g.add(buf, alpha=momentum)
                     if group["row_normalize"]:
                         g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
-                    g = zeropower_via_newtonschulz5(g, steps=group["backend_steps"])
+                    g = zeropower_via_newtonschulz5(g, coefficients=coefficients)
                     g = g * max(1, g.size(0) / g.size(1)) ** 0.5
                     updates_flat[curr : curr + p.numel()] = g.reshape(-1)
                 curr += p.numel()
@@ -108,7 +137,9 @@ def split_parameters(model: nn.Module) -> dict[str, list[Tensor]]:
     """The baseline's split: block matrices -> Muon; embedding, head, everything else -> Adam."""
     groups: dict[str, list[Tensor]] = {"matrix": [], "scalar": [], "token": [], "head": []}
     for name, p in model.named_parameters():
-        if name == "tok_emb.weight":
+        if name in TRAIN_FROZEN_PARAMETERS:
+            continue  # trained only after training (test-time passes), never by these optimizers
+        if name in ("tok_emb.weight", "bigram.embed.weight"):  # BigramHash's table: the token rate (#1019/#1060)
             groups["token"].append(p)
         elif name == "lm_head.weight":
             groups["head"].append(p)
@@ -124,7 +155,8 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, tie_embeddings: bool) -
     groups = split_parameters(model)
     token_lr = cfg.tied_embed_lr if tie_embeddings else cfg.embed_lr
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
-                weight_decay=cfg.muon_weight_decay, row_normalize=cfg.muon_row_normalize)
+                weight_decay=cfg.muon_weight_decay, row_normalize=cfg.muon_row_normalize,
+                ns_coefficients=cfg.muon_ns_coefficients)
     for group in muon.param_groups:
         group["base_lr"] = cfg.matrix_lr
     optimizers: list[torch.optim.Optimizer] = [_adam(groups["token"], token_lr, cfg, cfg.embed_weight_decay), muon,
@@ -140,3 +172,17 @@ def muon_momentum_at(step: int, cfg: OptimConfig) -> float:
         return cfg.muon_momentum
     frac = min(step / cfg.muon_momentum_warmup_steps, 1.0)
     return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+
+def weight_decay_taper(frac: float, start_frac: float, final_mult: float) -> float:
+    """The weight-decay multiplier of #1729: 1 until `start_frac` of training, then linear to
+    `final_mult` at the end (`frac` is the elapsed fraction, as for the LR schedule)."""
+    if frac <= start_frac or start_frac >= 1.0:
+        return 1.0
+    progress = min(max((frac - start_frac) / (1.0 - start_frac), 0.0), 1.0)
+    return 1.0 + (final_mult - 1.0) * progress
+
+
+def muon_weight_decay_at(frac: float, cfg: OptimConfig) -> float:
+    """Muon's decoupled weight decay at elapsed fraction `frac` (tapered when configured)."""
+    return cfg.muon_weight_decay * weight_decay_taper(frac, cfg.muon_wd_taper_start_frac, cfg.muon_wd_taper_final_mult)

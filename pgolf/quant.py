@@ -4,10 +4,14 @@ The host default reproduces the challenge baseline exactly (train_gpt.py
 `quantize_state_dict_int8`): non-float tensors pass through; float tensors with at most 65,536
 elements pass through (control tensors in fp32, others in fp16); 2-D tensors get int8 per row
 with a 99.99984th-percentile clip and scale ``max(clip/127, 1/127)`` stored in fp16; other
-tensors get one int8 scale. Techniques change a tensor's `QuantSpec` (bits, clip, row groups)
-through `pgolf_on_quant_spec`, or replace the quantizer through `pgolf_quantize_tensor`.
-Every integer code is stored in an int8 container; narrower widths only shrink the artifact
-through the entropy coder (or a technique's packing).
+tensors get one int8 scale. The records from #1530 on (`gptq_mixed_quantize`) store every small
+float tensor in fp16, control tensors included: ``export.keep_control_fp32: false``;
+``export.small_float_dtype: fp32`` keeps all of them in full precision instead.
+Techniques change a tensor's `QuantSpec` (bits, clip, row groups, a wider column group)
+through `pgolf_on_quant_spec` (or see every spec at once in `pgolf_on_quant_specs`), replace
+the quantizer through `pgolf_quantize_tensor`, or revise the quantized tensors together in
+`pgolf_on_quantized`. Every integer code is stored in an int8 container; narrower widths only
+shrink the artifact through the entropy coder (or a technique's packing).
 """
 
 from __future__ import annotations
@@ -42,6 +46,13 @@ class QuantSpec:
     scale_floor: float | None = None  # None = the baseline's 1/R floor
     row_scale: Tensor | None = None  # optional per-row factor on the clip (Hessian-aware SDClip)
     row_groups: list[tuple[Tensor, int]] = field(default_factory=list)  # (row indices, bits) exceptions
+    # Column groups [start, start + col_group_size) coded at col_group_bits, with a second per-row scale
+    # from the same clip (AWQ-lite, #1908).
+    col_groups: list[int] = field(default_factory=list)
+    col_group_size: int = 0
+    col_group_bits: int = 8
+    # Round against the stored fp16 scale (the records' GPTQ and gate paths) rather than the fp32 one (baseline).
+    fp16_scale: bool = False
     notes: list[str] = field(default_factory=list)
 
     def note(self, who: str, what: str) -> None:
@@ -89,7 +100,8 @@ def default_spec(name: str, tensor: Tensor, cfg: ExportConfig) -> QuantSpec:
         return QuantSpec("raw")
     if tensor.numel() <= cfg.keep_float_max_numel:
         is_control = any(p in name for p in CONTROL_TENSOR_NAME_PATTERNS)
-        return QuantSpec("fp32" if is_control else "fp16")
+        return QuantSpec("fp32" if cfg.small_float_dtype == "fp32" or (is_control and cfg.keep_control_fp32)
+                         else "fp16")
     return QuantSpec("int", bits=8, clip="percentile", clip_percentile=cfg.clip_percentile)
 
 
@@ -127,6 +139,47 @@ def row_bits(spec: QuantSpec, rows: int) -> Tensor:
     return bits
 
 
+def spec_row_scales(w32: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """(fp32 scale, bits, clip) per row: the spec's clip rule, width and row-group exceptions."""
+    clip = row_clip(w32, spec)
+    bits = row_bits(spec, w32.shape[0])
+    scale = torch.empty(w32.shape[0], dtype=torch.float32)
+    for b in torch.unique(bits).tolist():
+        rows = bits == b
+        scale[rows] = scales_from_clip(clip[rows], spec, int(b))
+    return scale, bits, clip
+
+
+def col_group_mask(cols: int, spec: QuantSpec) -> Tensor:
+    """Which columns the spec's wider column groups cover."""
+    mask = torch.zeros(cols, dtype=torch.bool)
+    for start in spec.col_groups:
+        mask[start : start + spec.col_group_size] = True
+    return mask
+
+
+def round_codes(x: Tensor, scale: Tensor, r: Tensor | float) -> Tensor:
+    """Round to nearest with per-row scales, codes clamped to ±r; a zero scale gives code 0."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]
+    q = torch.round(x / safe)
+    q = torch.clamp(q, -r, r) if isinstance(r, float) else torch.maximum(torch.minimum(q, r), -r)
+    return torch.where(scale[:, None] > 0, q, torch.zeros_like(q)).to(torch.int8)
+
+
+def int_rows_tensor(t: Tensor, q: Tensor, scale16: Tensor, bits: Tensor, spec: QuantSpec,
+                    col_scale16: Tensor | None = None, **meta: Any) -> QuantizedTensor:
+    """The stored form of a per-row quantized matrix (round to nearest and GPTQ write the same)."""
+    parts = {"q": q.contiguous(), "scale": scale16.contiguous()}
+    info: dict[str, Any] = {"bits": spec.bits, **meta}
+    if spec.row_groups:
+        parts["row_bits"] = bits.to(torch.int8)
+    if spec.col_groups and col_scale16 is not None:
+        parts["col_start"] = torch.tensor(spec.col_groups, dtype=torch.int16)  # the record's layout (#1908)
+        parts["col_scale"] = col_scale16.contiguous()
+        info.update(col_group_size=spec.col_group_size, col_group_bits=spec.col_group_bits)
+    return QuantizedTensor("int_rows", tuple(t.shape), dtype_name(t.dtype), parts, info)
+
+
 def quantize_rtn(name: str, tensor: Tensor, spec: QuantSpec) -> QuantizedTensor:
     """The host quantizer: passthrough or round-to-nearest per the spec."""
     t = tensor.detach().to("cpu").contiguous()
@@ -138,23 +191,19 @@ def quantize_rtn(name: str, tensor: Tensor, spec: QuantSpec) -> QuantizedTensor:
         return QuantizedTensor("float", shape, dtype, {"data": t.to(store).contiguous()})
     t32 = t.float()
     if t32.ndim == 2:
-        clip = row_clip(t32, spec)
-        bits = row_bits(spec, t32.shape[0])
-        scale = torch.empty(t32.shape[0], dtype=torch.float32)
-        q = torch.empty(t32.shape, dtype=torch.int8)
-        for b in torch.unique(bits).tolist():
-            rows = (bits == b).nonzero().squeeze(1)
-            s = scales_from_clip(clip[rows], spec, int(b))
-            sub = t32[rows]
-            if spec.clip != "none":
-                c = clip[rows][:, None]
-                sub = torch.maximum(torch.minimum(sub, c), -c)
-            q[rows] = quantize_rows(sub, s, int(b))
-            scale[rows] = s
-        parts = {"q": q.contiguous(), "scale": scale.to(torch.float16).contiguous()}
-        if spec.row_groups:
-            parts["row_bits"] = bits.to(torch.int8)
-        return QuantizedTensor("int_rows", shape, dtype, parts, {"bits": spec.bits})
+        scale, bits, clip = spec_row_scales(t32, spec)
+        scale16 = scale.to(torch.float16)
+        src = t32 if spec.clip == "none" else torch.maximum(torch.minimum(t32, clip[:, None]), -clip[:, None])
+        r = (2 ** (bits - 1) - 1).to(torch.float32)[:, None]
+        q = round_codes(src, scale16.float() if spec.fp16_scale else scale, r)
+        col_scale16 = None
+        if spec.col_groups:
+            col_scale = scales_from_clip(clip, spec, spec.col_group_bits)
+            col_scale16 = col_scale.to(torch.float16)
+            cols = col_group_mask(t32.shape[1], spec)
+            q[:, cols] = round_codes(src[:, cols], col_scale16.float() if spec.fp16_scale else col_scale,
+                                     float(qmax(spec.col_group_bits)))
+        return int_rows_tensor(t, q, scale16, bits, spec, col_scale16)
     flat = t32.flatten()
     clip = float(torch.quantile(flat.abs(), spec.clip_percentile / 100.0).item()) if flat.numel() else 0.0
     r = qmax(spec.bits)
@@ -177,7 +226,12 @@ def _dq_float(qt: QuantizedTensor) -> Tensor:
 @register_dequantizer("int_rows")
 def _dq_rows(qt: QuantizedTensor) -> Tensor:
     q, s = qt.parts["q"], qt.parts["scale"].to(torch.float32)
-    return (q.float() * s.view(q.shape[0], *([1] * (q.ndim - 1)))).to(torch_dtype(qt.dtype)).contiguous()
+    w = q.float() * s.view(q.shape[0], *([1] * (q.ndim - 1)))
+    if "col_scale" in qt.parts:
+        size, hi = int(qt.meta["col_group_size"]), qt.parts["col_scale"].float()[:, None]
+        for start in qt.parts["col_start"].tolist():
+            w[:, start : start + size] = q[:, start : start + size].float() * hi
+    return w.to(torch_dtype(qt.dtype)).contiguous()
 
 
 @register_dequantizer("int_tensor")

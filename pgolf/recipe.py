@@ -58,6 +58,18 @@ class ModelConfig:
     parallel_variant: Literal["sum", "two_lane"] = "sum"  # x + attn + mlp (#1412/#1493) or two lanes (#1529)
     smear_gate: bool = False  # SmearGate (previous-token mix) at the input
     smear_bos_fix: bool = True  # never smear across a BOS (the record fix for cross-document leak)
+    doc_isolation: bool = False  # attention never crosses a BOS; training packs rows as one stream (#1530 VarLen)
+    skip_gates: bool = False  # U-Net skips mixed in as lerp(w * skip, x, sigmoid(g)), g init 0 (#1493 and later)
+    # per-head gate on the attention output before proj: sparse (#1787), output (#1667) or dense (#1736)
+    attn_gate: Literal["none", "sparse", "output", "dense"] = "none"
+    attn_gate_window: int = 12  # leading input dims the sparse and output gates read (GATE_WINDOW)
+    attn_gate_src: Literal["proj", "q"] = "proj"  # output gate input: the attention's input, or its q projection
+    attn_gate_scale: float = 1.0  # sparse gate: sigmoid(scale * W x[:window])
+    attn_gate_init_std: float = 0.0  # normal init of attn_gate_w (sparse, dense); 0 = zeros
+    orthogonal_init: bool = False  # orthogonal init of the 2-D matrices with both dims >= 64 (#1855 and later)
+    bigram_vocab_size: int = 0  # BigramHash buckets (the last one marks each row's first position); 0 = off
+    bigram_dim: int = 128  # BigramHash table width, projected to model_dim when different
+    asym_logit: bool = False  # separate positive/negative logit softcaps at eval (#1923)
 
     def validate(self) -> list[tuple[str, str]]:
         """Every (key, message) problem, not just the first."""
@@ -80,6 +92,17 @@ class ModelConfig:
             problems.append(("logit_softcap", "logit_softcap must be positive"))
         if self.vocab_size > 65536:
             problems.append(("vocab_size", "the challenge shard format stores uint16 tokens: vocab_size must be <= 65536"))
+        if self.attn_gate in ("sparse", "output") and not 1 <= self.attn_gate_window <= self.model_dim:
+            problems.append(("attn_gate_window", f"the {self.attn_gate} attention gate reads the first "
+                             f"attn_gate_window dims of a {self.model_dim}-dim input: it must lie in [1, "
+                             f"{self.model_dim}], got {self.attn_gate_window}"))
+        if self.attn_gate_init_std < 0:
+            problems.append(("attn_gate_init_std", f"attn_gate_init_std must be >= 0, got {self.attn_gate_init_std}"))
+        if self.bigram_vocab_size == 1 or self.bigram_vocab_size < 0:
+            problems.append(("bigram_vocab_size", "bigram_vocab_size must be 0 (off) or at least 2 (hashed buckets "
+                             f"plus the first-position bucket), got {self.bigram_vocab_size}"))
+        if self.bigram_dim <= 0:
+            problems.append(("bigram_dim", f"bigram_dim must be positive, got {self.bigram_dim}"))
         return problems
 
 
@@ -127,22 +150,50 @@ class OptimConfig:
     muon_backend_steps: int = 5
     muon_weight_decay: float = 0.0  # decoupled: p *= 1 - lr * wd
     muon_row_normalize: bool = False  # MuonEq-R
+    muon_ns_coefficients: Literal["default", "polar_express"] = "default"  # Newton-Schulz (a, b, c) per iteration
+    muon_wd_taper_start_frac: float = 1.0  # Muon WD tapers linearly from this elapsed fraction on (1 = never)
+    muon_wd_taper_final_mult: float = 1.0  # ... to this multiple of muon_weight_decay at the end
     adam_weight_decay: float = 0.0  # decoupled (AdamW) on scalars and an untied head
     embed_weight_decay: float = 0.0  # decoupled (AdamW) on the token embedding
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
 
+    def validate(self) -> list[tuple[str, str]]:
+        """Every (key, message) problem, not just the first."""
+        problems: list[tuple[str, str]] = []
+        if self.muon_backend_steps < 1:
+            problems.append(("muon_backend_steps", f"muon_backend_steps must be at least 1, got {self.muon_backend_steps}"))
+        if self.muon_ns_coefficients == "polar_express" and self.muon_backend_steps > 5:
+            problems.append(("muon_backend_steps", "the polar_express Newton-Schulz table holds 5 iterations: "
+                             f"muon_backend_steps must be at most 5, got {self.muon_backend_steps}"))
+        if not 0.0 <= self.muon_wd_taper_start_frac <= 1.0:
+            problems.append(("muon_wd_taper_start_frac", "muon_wd_taper_start_frac must lie in [0, 1], got "
+                             f"{self.muon_wd_taper_start_frac}"))
+        if self.muon_wd_taper_final_mult < 0.0:
+            problems.append(("muon_wd_taper_final_mult", "muon_wd_taper_final_mult must not be negative, got "
+                             f"{self.muon_wd_taper_final_mult}"))
+        return problems
+
 
 @dataclass
 class ExportConfig:
     """Quantized export: the baseline's int8 per-row + zlib, and what counts toward the budget."""
 
-    codec: Literal["zlib", "lzma", "brotli"] = "zlib"
+    codec: Literal["zlib", "lzma", "brotli", "pergroup"] = "zlib"
     level: int | None = None  # None = the codec's strongest (zlib 9, lzma 9, brotli 11)
     byte_shuffle: int = 0  # 0 = off; 2 = shuffle bytes with stride 2 before compressing
+    # pergroup (#1855, `pgolf.codecs`): the coder of the grouped int8 matrices (auto = lrzip, else the zpaq
+    # binding, else brotli) and the grouping (roles: #1855-#2060; single: #2130/#2135).
+    group_coder: Literal["auto", "lrzip", "zpaq", "brotli"] = "auto"
+    group_layout: Literal["roles", "single"] = "roles"
     clip_percentile: float = 99.99984
     keep_float_max_numel: int = 65_536
+    # Float tensors up to keep_float_max_numel pass through as fp16 (baseline and records); fp32 keeps them whole.
+    small_float_dtype: Literal["fp16", "fp32"] = "fp16"
+    # The baseline keeps control tensors (CONTROL_TENSOR_NAME_PATTERNS) in fp32; the records from #1530
+    # (`gptq_mixed_quantize`) store them in fp16 with the rest.
+    keep_control_fp32: bool = True
     code_bytes: Literal["compressed", "raw"] = "compressed"
     budget_bytes: int = 16_000_000
 

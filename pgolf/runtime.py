@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -9,6 +10,7 @@ import random
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
 from pathlib import Path
 from typing import Any
@@ -81,10 +83,18 @@ def git_sha() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+@functools.cache
+def _distributions_by_module() -> Mapping[str, list[str]]:
+    """Top-level module -> distributions: reads every installed distribution's file list (seconds), so once."""
+    return packages_distributions()
+
+
 def module_version(module: str) -> str:
     """The installed version of the distribution a module comes from (pgolf's for built-ins)."""
     top = module.split(".")[0]
-    for dist_name in packages_distributions().get(top, []):
+    if top in ("pgolf", "pgolf_plugins"):
+        return pgolf.__version__
+    for dist_name in _distributions_by_module().get(top, []):
         try:
             return version(dist_name)
         except PackageNotFoundError:

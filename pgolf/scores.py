@@ -54,6 +54,16 @@ def plain_windows(num_tokens: int, seq_len: int) -> EvalWindows:
 
 
 @dataclass
+class GateCounts:
+    """How often each channel of an eval-time mixer fired over the scored stream; a channel named in
+    `must_stay_off` is one the challenge ruled invalid (it reads the target), so any count there fails
+    the mixer-gates audit."""
+
+    fired: dict[str, int]
+    must_stay_off: tuple[str, ...] = ()
+
+
+@dataclass
 class TokenScores:
     """Per-position NLL of the validation stream, with the bookkeeping the audits need.
 
@@ -73,6 +83,10 @@ class TokenScores:
     clock: int = 0
     windows: EvalWindows | None = None  # set by the host: the windows the scorer actually scored
     probe_at: frozenset[int] = frozenset()  # set by the host: where scorers fill `probes`
+    gates: dict[str, GateCounts] = field(default_factory=dict)  # per mixer: its channels' firing counts
+    # eval sub-stages measured inside scoring or the transforms (an n-gram precompute, a compile warmup):
+    # the host reports each as its own part of the evaluation time, net of the part it ran in
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, tokens: np.ndarray, byte_counts: np.ndarray) -> TokenScores:

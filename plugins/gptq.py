@@ -19,7 +19,18 @@ Functional core, usable without the registry:
   H⁻¹, blocks of 128 columns with lazy updates.
 - `gptq_quantize`: a `QuantSpec` (bits, clip rule, scale floor, per-row clip factor, row groups of
   other widths) -> the same `int_rows` tensor the host's round-to-nearest writes, so any spec
-  another technique sets is honoured and the artifact format does not change.
+  another technique sets is honoured and the artifact format does not change; a spec's wider column
+  groups (awq_lite) are coded at their own width and scale inside the same solve, as #1908 does.
+
+Where pgolf departs from the records' `gptq_quantize_weight` (#1394-#2135), on purpose: a dead
+column (diag(H) = 0, an input that never fired during calibration) gets the live columns' mean
+diagonal instead of the records' constant 1 (`pgolf.api.damped_hessian`), so the damping
+0.01·mean(diag H) and hence every code is invariant to scaling H; with no dead column the two
+rules are identical. Act-order ties keep column order (a stable sort); the records' sort is not
+stable. Both quantize a dead column's weights to 0.
+
+Calibration batches default to 32, as #2135 (`GPTQ_CALIBRATION_BATCHES=32`, the record's only
+change over #2130, which used the 16 of #1626-#1868).
 """
 
 from __future__ import annotations
@@ -39,11 +50,12 @@ from pgolf.api import (
     QuantSpec,
     RunContext,
     Technique,
+    col_group_mask,
     damped_hessian,
-    dtype_name,
-    row_bits,
-    row_clip,
+    int_rows_tensor,
+    qmax,
     scales_from_clip,
+    spec_row_scales,
 )
 
 MAX_DAMP_RETRIES = 6  # each retry multiplies the damping by 10 when H is numerically not positive definite
@@ -150,8 +162,14 @@ def gptq_codes(
     row_qmax: Tensor,
     clip: Tensor | None = None,
     block_size: int = 128,
+    col_mask: Tensor | None = None,
+    col_scale: Tensor | None = None,
+    col_qmax: float = 0.0,
 ) -> Tensor:
     """Integer codes of `weight` [rows, cols] under per-row `scale` and code range ±`row_qmax`.
+
+    Columns in `col_mask` use the per-row `col_scale` and range ±`col_qmax` instead, inside the
+    same solve (AWQ-lite's protected groups, #1908).
 
     Each column is rounded (after clipping to ±`clip` per row, as round-to-nearest does), and its
     error, divided by the factor's diagonal, is subtracted from the later columns along that
@@ -165,6 +183,9 @@ def gptq_codes(
     s = scale.to(device=device, dtype=torch.float32)
     r = row_qmax.to(device=device, dtype=torch.float32)
     c = clip.to(device=device, dtype=torch.float32) if clip is not None else None
+    wide = col_mask[factor.perm].tolist() if col_mask is not None else [False] * cols
+    s_wide = col_scale.to(device=device, dtype=torch.float32) if col_scale is not None else s
+    r_wide = torch.full_like(r, col_qmax)
     codes = torch.empty(cols, rows, dtype=torch.float32, device=device)
     u = factor.upper
     with single_threaded_on_cpu(device):
@@ -176,9 +197,10 @@ def gptq_codes(
             for j in range(i2 - i1):
                 col = block[j]
                 target = torch.clamp(col, -c, c) if c is not None else col
-                q = torch.clamp(torch.round(target / s), -r, r)
+                sj, rj = (s_wide, r_wide) if wide[i1 + j] else (s, r)
+                q = torch.clamp(torch.round(target / sj), -rj, rj)
                 codes[i1 + j] = q
-                err = (col - q * s) / ub[j, j]
+                err = (col - q * sj) / ub[j, j]
                 errs[j] = err
                 block[j + 1 :].addr_(ub[j, j + 1 :], err, alpha=-1.0)
             if i2 < cols:
@@ -188,12 +210,7 @@ def gptq_codes(
 
 def spec_scales(w32: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(fp16 scale, code range, clip value, bits) per row, by the same rules as round-to-nearest."""
-    clip = row_clip(w32, spec)
-    bits = row_bits(spec, w32.shape[0])
-    scale = torch.empty(w32.shape[0], dtype=torch.float32)
-    for b in torch.unique(bits).tolist():
-        rows = bits == b
-        scale[rows] = scales_from_clip(clip[rows], spec, int(b))
+    scale, bits, clip = spec_row_scales(w32, spec)
     row_qmax = (2 ** (bits - 1) - 1).to(torch.float32)
     return scale.to(torch.float16), row_qmax, clip, bits
 
@@ -212,12 +229,12 @@ def gptq_quantize(
     t = weight.detach().cpu()
     w32 = t.float()
     scale16, row_qmax, clip, bits = spec_scales(w32, spec)
-    codes = gptq_codes(w32, factor, scale16.float(), row_qmax, clip if spec.clip != "none" else None, block_size)
-    parts = {"q": codes.contiguous(), "scale": scale16.contiguous()}
-    if spec.row_groups:
-        parts["row_bits"] = bits.to(torch.int8)
-    return QuantizedTensor("int_rows", tuple(t.shape), dtype_name(t.dtype), parts,
-                           {"bits": spec.bits, "quantizer": "gptq"})
+    col_scale16 = scales_from_clip(clip, spec, spec.col_group_bits).to(torch.float16) if spec.col_groups else None
+    codes = gptq_codes(w32, factor, scale16.float(), row_qmax, clip if spec.clip != "none" else None, block_size,
+                       col_mask=col_group_mask(w32.shape[1], spec) if spec.col_groups else None,
+                       col_scale=col_scale16.float() if col_scale16 is not None else None,
+                       col_qmax=float(qmax(spec.col_group_bits)))
+    return int_rows_tensor(t, codes, scale16, bits, spec, col_scale16, quantizer="gptq")
 
 
 def spec_digest(weight: Tensor, spec: QuantSpec) -> str:
@@ -227,6 +244,7 @@ def spec_digest(weight: Tensor, spec: QuantSpec) -> str:
     for t in (weight.detach().float().contiguous(), scale16, row_qmax, clip.float()):
         h.update(t.cpu().numpy().tobytes())
     h.update(spec.clip.encode())
+    h.update(repr((spec.col_groups, spec.col_group_size, spec.col_group_bits)).encode())
     return h.hexdigest()
 
 
@@ -238,7 +256,7 @@ class GPTQConfig:
     # "train": training shards inside the training budget (#1060, #1394, #1626); "self_generated":
     # text the model samples after training (#1019), which reads no data at all.
     calibration: Literal["train", "self_generated"] = "train"
-    calibration_batches: int = 16  # #1626 "trimmed GPTQ" (#1394: 64); each the per-rank training micro-batch
+    calibration_batches: int = 32  # #2135 GPTQ_CALIBRATION_BATCHES=32 (#1626-#2130: 16, #1394: 64); per-rank micro-batches
     reserve_seconds: float = 4.0  # #1626; taken off the wallclock so calibration fits the 600 s
     self_gen_sequences: int = 64  # #1019
     self_gen_seq_len: int = 2048  # #1019

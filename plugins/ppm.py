@@ -34,6 +34,7 @@ import torch
 
 from pgolf.api import (
     LEADING_SPACE,
+    GateCounts,
     RunContext,
     Technique,
     TokenScores,
@@ -303,14 +304,19 @@ def gate(confidence: np.ndarray | float, cfg: ByteMixConfig) -> np.ndarray:
     return np.where(np.asarray(confidence) >= cfg.threshold, cfg.lambda_lo, cfg.lambda_hi)
 
 
-def byte_mix_nll(tokens: np.ndarray, nn_nll: np.ndarray, table: TokenBytes, cfg: ByteMixConfig) -> np.ndarray:
-    """Per-position score of the byte mixture: minus the sum of its bytes' mixed log-probabilities."""
+def byte_mix_nll(tokens: np.ndarray, nn_nll: np.ndarray, table: TokenBytes, cfg: ByteMixConfig,
+                 fired: dict[str, int] | None = None) -> np.ndarray:
+    """Per-position score of the byte mixture: minus the sum of its bytes' mixed log-probabilities.
+    `fired` receives how many bytes of the stream took each λ (the gate's two channels)."""
     stream, start = table.stream(tokens)
     ppm, confidence = byte_ppm_logprobs(stream, cfg.order)
     length = np.diff(start)
     owner = np.repeat(np.arange(tokens.shape[0]), length)
     nn_byte = -nn_nll[owner] / length[owner]
     lam = gate(confidence, cfg)
+    if fired is not None:
+        confident = int((confidence >= cfg.threshold).sum())
+        fired.update(confident_bytes=confident, other_bytes=int(confidence.shape[0]) - confident)
     mixed = np.logaddexp(np.log(lam) + nn_byte, np.log1p(-lam) + ppm)
     return np.bincount(owner, weights=-mixed, minlength=tokens.shape[0])
 
@@ -454,6 +460,7 @@ class PPM(Technique):
             counts = prefix_counts(scores.tokens, order)
             mixed, escape = choose_escapes(np.exp(-scores.nll), counts, cfg.escape, scored, cfg.escape_block)
             scores.nll[scored] = -np.log(mixed[scored])
+            fired = {f"order_{k}": int((o.seen[scored] > 0).sum()) for k, o in enumerate(counts, start=1)}
             for p, logp in scores.probes.items():
                 scores.probes[p] = np.log(mixed_distribution(scores.tokens, p, np.exp(logp), order, escape[p]))
             final_escape = float(escape[np.flatnonzero(scored)[-1]]) if scored.any() else None
@@ -461,9 +468,11 @@ class PPM(Technique):
             final_escape = None
             table = TokenBytes.from_tokenizer(load_tokenizer(ctx.data.tokenizer_path), ctx.recipe.model.vocab_size)
             mix = ByteMixConfig(order, cfg.lambda_hi, cfg.lambda_lo, cfg.threshold)
-            scores.nll[scored] = byte_mix_nll(scores.tokens, scores.nll, table, mix)[scored]
+            fired = {}
+            scores.nll[scored] = byte_mix_nll(scores.tokens, scores.nll, table, mix, fired)[scored]
             for p, logp in scores.probes.items():
                 scores.probes[p] = byte_mix_distribution(scores.tokens, p, logp, table, mix)
+        scores.gates[self.name] = GateCounts(fired)  # positions each order's context was seen / bytes per λ
         after = loss_and_bpb(*scores.totals()) if scored.any() else (float("nan"), float("nan"))
         ctx.stash.setdefault(self.name, []).append(
             PPMStats(cfg.mode, order, before[1], after[1], time.perf_counter() - start, final_escape))

@@ -91,6 +91,26 @@ def fit_problem(num_layers: int, cfg: RecurrenceConfig) -> str | None:
     return None
 
 
+def lane_order_problem(num_layers: int, cfg: RecurrenceConfig, lane_start: int) -> str | None:
+    """Why two-lane parallel residuals from `lane_start` would run this loop unlike the records' code, or None.
+
+    pgolf keeps every decoder block after the lanes begin inside them; the records' loop takes a block
+    below the start layer out of the lanes again (it runs on the stale single stream). The two agree only
+    when no such block follows the lane start in the decoder, as at full size (loop 3-5, lanes from 8).
+    """
+    if lane_start < 0:
+        return None
+    _, decoder = build_loop_indices(num_layers, cfg.loop_start, cfg.loop_end, cfg.num_loops)
+    begun = [i for i, layer in enumerate(decoder) if layer >= lane_start]
+    late = [layer for layer in decoder[begun[0]:] if layer < lane_start] if begun else []
+    if not late:
+        return None
+    return (f"parallel residual lanes start at layer {lane_start}, but the looped decoder {decoder} returns to "
+            f"block(s) {sorted(set(late))} after that; the records' code runs those outside the lanes and pgolf "
+            f"inside them. Start the lanes after the loop (techniques.parallel_residuals.start_layer > "
+            f"{cfg.loop_end}) or end the loop earlier.")
+
+
 # --- functional core: schedule -----------------------------------------------------------------
 
 
@@ -135,12 +155,12 @@ class RepeatedPass(nn.Module):
         self.loop_pass = loop_pass
         object.__setattr__(self, "shared", block)
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
-        return self.shared(x, x0, mlp=self.mlp)
+    def forward(self, x: Tensor, x0: Tensor, doc: Any = None) -> Tensor:
+        return self.shared(x, x0, mlp=self.mlp, doc=doc)
 
     def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, post: Tensor,
-                      resid: Tensor) -> tuple[Tensor, Tensor]:
-        return self.shared.forward_lanes(lane0, lane1, x0, post, resid, mlp=self.mlp)
+                      resid: Tensor, doc: Any = None) -> tuple[Tensor, Tensor]:
+        return self.shared.forward_lanes(lane0, lane1, x0, post, resid, mlp=self.mlp, doc=doc)
 
 
 def repeated_passes(model: GPT) -> dict[tuple[int, int], int]:
@@ -169,13 +189,7 @@ def apply_recurrence(model: GPT, cfg: RecurrenceConfig) -> None:
             for layer in range(cfg.loop_start, cfg.loop_end + 1):
                 model.extra_blocks.append(RepeatedPass(model.blocks[layer], p))
     encoder, decoder = loop_lists(model, cfg, cfg.num_loops)
-    needed = skip_count(encoder, decoder)
-    old = model.skip_weights
-    if needed > old.size(0):
-        grown = torch.ones(needed, old.size(1), dtype=old.dtype, device=old.device)
-        grown[: old.size(0)] = old.detach()
-        model.skip_weights = nn.Parameter(grown)
-        model.num_skip_weights = needed
+    model.grow_skips(skip_count(encoder, decoder))
     model.looping_active = False
 
 
@@ -223,7 +237,10 @@ class Recurrence(Technique):
                "#1204 untied repeat MLPs (mini recurrence ~0.002-0.003 BPB)")
 
     def pgolf_contribute_config_errors(self, ctx: RunContext) -> list[str] | None:
-        problem = fit_problem(ctx.recipe.model.num_layers, self.config)
+        model = ctx.recipe.model
+        problem = fit_problem(model.num_layers, self.config)
+        if problem is None and model.parallel_variant == "two_lane":
+            problem = lane_order_problem(model.num_layers, self.config, model.parallel_start_layer)
         return [problem] if problem else None
 
     def pgolf_on_model_built(self, model: nn.Module, ctx: RunContext) -> None:

@@ -27,8 +27,8 @@ def micro_flags() -> list[str]:
 @pytest.mark.slow
 def test_run_end_to_end_through_the_cli(tmp_path):
     out = tmp_path / "run"
-    # best's techniques sized to MICRO's 2 layers and 64-token windows
-    fit = ["techniques.recurrence.loop_start=0", "techniques.recurrence.loop_end=1",
+    # best's techniques sized to MICRO's 2 layers and 64-token windows (block 0 looped, lanes from block 1)
+    fit = ["techniques.recurrence.loop_start=0", "techniques.recurrence.loop_end=0",
            "techniques.parallel_residuals.start_layer=1", "techniques.ttt.lora_chunk=32",
            "techniques.ttt.chunk_tokens=1024", "techniques.gptq.calibration_batches=2"]
     proc = pgolf("run", "recipes/best.yaml", "--scale", "tiny", "--steps", "2", *micro_flags(),

@@ -6,8 +6,8 @@ import hashlib
 
 import pytest
 
-from pgolf.artifact import BODY_OFFSET, FILE_MAGIC
-from pgolf.codecs import CODEC_IDS, DEFAULT_LEVELS, compress, decompress
+from pgolf.artifact import BODY_OFFSET, FILE_MAGIC, int8_matrices
+from pgolf.codecs import CODEC_IDS, DEFAULT_LEVELS, GROUP_ROLES, compress, decompress, group_matrices
 from pgolf.errors import ConfigError
 from pgolf.host import Session
 from pgolf.recipe import ExportConfig
@@ -73,3 +73,14 @@ def test_brotli_with_shuffle_beats_the_baseline_zlib_on_int6_codes(micro_recipe,
     _, packed = export_with(micro_recipe(techniques={**techniques, "codec": {}}), trained)
     assert packed.info["bytes_model"] < plain.info["bytes_model"]
     assert stored_tensors(packed.blob) == stored_tensors(plain.blob)  # lossless: the same weights either way
+
+
+def test_pergroup_stores_the_same_weights_as_brotli(micro_recipe, trained):
+    """The micro model's int8 matrices go through role groups and come back unchanged."""
+    _, plain = export_with(micro_recipe(techniques={"codec": {}}), trained)
+    _, grouped = export_with(micro_recipe(techniques={"codec": {"codec": "pergroup", "coder": "brotli"}}), trained)
+    assert grouped.blob[4] == CODEC_IDS["pergroup"] and grouped.info["codec"] == "pergroup"
+    payload = decompress(grouped.blob[BODY_OFFSET:], "pergroup", 2)
+    groups = group_matrices(int8_matrices(payload), "roles")
+    assert [role for role, _ in groups] == list(GROUP_ROLES)  # every role is int8 at micro size
+    assert stored_tensors(grouped.blob) == stored_tensors(plain.blob)

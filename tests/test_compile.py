@@ -38,7 +38,7 @@ from pgolf.reporter import Reporter
 from pgolf.runtime import seed_everything
 from pgolf.testing import micro_recipe, tiny_run
 from pgolf_plugins import BUILTINS
-from tests.conformance_settings import settings_for
+from tests.conformance_settings import settings_for, techniques_for
 
 QUIET = Reporter(quiet=True)
 COMPILE_ON = "train.compile='on'"  # quoted: YAML reads a bare on/off as a boolean
@@ -69,20 +69,23 @@ RUN_BPB_ATOL = 1e-4
 # MICRO has 2 layers and 64-token windows: the record stack's loop and lanes fit inside them (as in
 # tests/test_cli.py). TTT is left out: evaluation never runs the compiled module, and phased TTT
 # alone takes most of a micro run's time.
-BEST_FIT = ["techniques.recurrence.loop_start=0", "techniques.recurrence.loop_end=1",
+BEST_FIT = ["techniques.recurrence.loop_start=0", "techniques.recurrence.loop_end=0",
             "techniques.parallel_residuals.start_layer=1", "techniques.gptq.calibration_batches=2",
             "techniques.ttt=false"]
 # The built-in techniques that change what the training loop runs (test_the_model_techniques checks
 # the list), and the mode in which one does: freq_weighting weights the training loss in mode `loss`.
-MODEL_TECHNIQUES = ["freq_weighting", "leaky_relu", "parallel_residuals", "partial_rope", "qk_gain", "recurrence",
-                    "smear_gate", "xsa"]
+MODEL_TECHNIQUES = ["asym_logit", "attn_out_gate", "bigram_hash", "doc_isolation", "freq_weighting", "gated_attn",
+                    "leaky_relu", "orthogonal_init", "parallel_residuals", "partial_rope", "qk_gain", "recurrence",
+                    "skip_gates", "smear_gate", "sparse_attn_gate", "xsa"]
 MODEL_MODES = {"freq_weighting": {"mode": "loss"}}
 MODEL_HOOKS = {"pgolf_provide_model", "pgolf_on_model_built", "pgolf_contribute_loss_weights"}
 
 
 def alone(name: str, *overrides: str) -> Recipe:
     """The baseline micro recipe with one technique, at its micro settings and model-changing mode."""
-    return micro_recipe(*overrides, techniques={name: {**settings_for(name)["params"], **MODEL_MODES.get(name, {})}})
+    techniques = techniques_for(name)
+    techniques[name] = {**techniques[name], **MODEL_MODES.get(name, {})}
+    return micro_recipe(*settings_for(name)["overrides"], *overrides, techniques=techniques)
 
 
 def best(*overrides: str) -> Recipe:
@@ -105,7 +108,7 @@ def changes_the_model(name: str) -> bool:
     the module once it is built, or the training loss's weights."""
     if MODEL_HOOKS & set(load_technique_class(name).hook_names()):
         return True
-    plain = Session(micro_recipe(), reporter=QUIET).recipe.model
+    plain = Session(micro_recipe(*settings_for(name)["overrides"]), reporter=QUIET).recipe.model
     return Session(alone(name), reporter=QUIET).recipe.model != plain
 
 

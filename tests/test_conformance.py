@@ -21,7 +21,7 @@ from pgolf.registry import (
     silent_techniques,
 )
 from pgolf.reporter import Reporter
-from tests.conformance_settings import micro_cases, settings_for
+from tests.conformance_settings import micro_cases, settings_for, techniques_for
 
 QUIET = Reporter(quiet=True)
 TECHNIQUES = known_names()
@@ -41,14 +41,15 @@ def test_metadata_is_complete(name):
 @pytest.mark.parametrize(("name", "variant"), micro_cases(TECHNIQUES),
                          ids=[f"{n}[{v}]" if v else n for n, v in micro_cases(TECHNIQUES)])
 def test_no_hook_changes_a_stage_before_the_declared_one(name, variant):
-    check_declared_stages(resolve({name: settings_for(name, variant)["params"]}), Provenance())
+    check_declared_stages(resolve(techniques_for(name, variant)), Provenance())
 
 
 @pytest.mark.parametrize("name", TECHNIQUES)
 def test_config_round_trips_through_a_recipe(name):
-    params = settings_for(name)["params"]
-    (enabled,) = resolve({name: params})
-    again = resolve({name: json.loads(json.dumps(to_plain(enabled.instance.config)))})[0]
+    techniques = techniques_for(name)
+    (enabled,) = [e for e in resolve(techniques) if e.name == name]
+    techniques[name] = json.loads(json.dumps(to_plain(enabled.instance.config)))
+    (again,) = [e for e in resolve(techniques) if e.name == name]
     assert again.instance.config == enabled.instance.config
 
 
@@ -56,14 +57,14 @@ def test_config_round_trips_through_a_recipe(name):
                          ids=[f"{n}[{v}]" if v else n for n, v in micro_cases(TECHNIQUES)])
 def test_micro_run_acts_and_round_trips(name, variant, micro_recipe, tmp_path):
     s = settings_for(name, variant)
-    recipe = micro_recipe(*s["overrides"], techniques={name: s["params"]})
+    recipe = micro_recipe(*s["overrides"], techniques=techniques_for(name, variant))
     result = run(recipe, tmp_path, QUIET)  # raises when an enabled technique never acted
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     trace = Trace()
     trace.merge(manifest["trace"])
     trace.configured = set(manifest["configured_recipe"])
-    enabled = resolve({name: s["params"]})
-    assert [t["stage"] for t in manifest["techniques"]] == [enabled[0].stage]
+    enabled = resolve(techniques_for(name, variant))
+    assert [t["stage"] for t in manifest["techniques"]] == [e.stage for e in enabled]
     assert silent_techniques(enabled, trace) == [], manifest["trace"].get(name, {})
     failed = set(result["failed_audits"])
     assert failed == s["invalid_audits"], result["compliance"]

@@ -45,7 +45,7 @@ def test_a_run_leaves_everything_the_issue_lists(baseline_run):
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert set(result["compliance"]) == {"normalization", "causality", "score_before_update", "no_val_leakage",
                                          "time_budget", "byte_budget", "byte_accounting",
-                                         "data_fingerprint"}
+                                         "data_fingerprint", "mixer_gates"}
     timing = result["compliance"]["time_budget"]["detail"]
     assert timing["policy"] == "strict" and set(timing["verdicts"]) == {"strict", "as-accepted"}
     assert set(timing["eval_parts_seconds"]) == {"decode", "scoring", "transforms"}

@@ -1,4 +1,5 @@
-"""Export: the baseline's int8 rule, passthrough rules, artifact container, codecs and code bytes."""
+"""Export: the baseline's int8 rule, passthrough rules, artifact container and codecs (code bytes:
+tests/test_submission_export.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.artifact import code_bytes, decode_artifact, encode_artifact, pack, unpack
+from pgolf.artifact import decode_artifact, encode_artifact, pack, unpack
 from pgolf.codecs import CODECS, byte_shuffle, byte_unshuffle, compress, decompress
 from pgolf.errors import DataError
 from pgolf.quant import QuantSpec, default_spec, dequantize, qmax, quantize_rtn
@@ -46,6 +47,17 @@ def test_passthrough_rules():
     back = dequantize(quantize_rtn("some.small.weight", small, default_spec("some.small.weight", small, CFG)))
     assert back.dtype == torch.float32
     torch.testing.assert_close(back, small.half().float())
+
+
+def test_small_floats_follow_the_baseline_or_the_records():
+    control, small = torch.randn(512), torch.randn(100, 100)
+    records = ExportConfig(keep_control_fp32=False)  # #1530-#2135 gptq_mixed_quantize: every small float in fp16
+    assert default_spec("blocks.0.attn_scale", control, records).scheme == "fp16"
+    assert default_spec("some.small.weight", small, records).scheme == "fp16"
+    full = ExportConfig(small_float_dtype="fp32")
+    assert default_spec("blocks.0.attn_scale", control, full).scheme == "fp32"
+    assert default_spec("some.small.weight", small, full).scheme == "fp32"
+    assert default_spec("big", torch.randn(300, 300), full).scheme == "int"
 
 
 def test_symmetric_codes_never_leave_the_range():
@@ -123,11 +135,3 @@ def test_codecs_round_trip_and_brotli_beats_zlib_on_int8_codes():
         assert decompress(blob, codec) == codes
         sizes[codec] = len(blob)
     assert sizes["brotli"] < sizes["zlib"]
-
-
-def test_code_bytes_counts_real_files():
-    plain = code_bytes([])
-    assert plain.raw > 10_000 and 0 < plain.compressed < plain.raw
-    assert "model.py" in plain.files and "cli.py" not in plain.files
-    with_test = code_bytes(["tests.test_quant"])
-    assert with_test.raw > plain.raw

@@ -124,7 +124,7 @@ def test_wrong_type_names_line_and_expectation(tmp_path):
 
 
 def test_literal_choices_are_suggested():
-    with pytest.raises(ConfigError, match=r"expected 'zlib' or 'lzma' or 'brotli', got 'brotly'.*Did you mean 'brotli'"):
+    with pytest.raises(ConfigError, match=r"expected 'zlib' or 'lzma' or 'brotli' or 'pergroup', got 'brotly'.*Did you mean 'brotli'"):
         load_recipe(BASELINE, ["export.codec=brotly"])
 
 

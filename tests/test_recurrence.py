@@ -24,6 +24,7 @@ from pgolf_plugins.recurrence import (
     activate,
     apply_recurrence,
     build_loop_indices,
+    lane_order_problem,
     loop_lists,
     loop_schedule,
     set_loop_passes,
@@ -318,3 +319,14 @@ def test_a_saved_checkpoint_is_rescored_with_the_loop_on(micro_recipe, tmp_path)
                              overrides=[*MICRO, f"techniques.recurrence={params}"], log=lambda m: None)
     assert scored["val_bpb_prequant"] == pytest.approx(result["val_bpb_prequant"], rel=1e-9)
     assert scored["val_bpb"] == pytest.approx(result["val_bpb"], rel=1e-9)
+
+
+def test_lanes_must_start_after_the_loop_as_the_records_run_it():
+    """Full size (11 layers, loop 3-5, lanes from 8) and tiny (4 layers, loop 1-2, lanes from 3) agree with the
+    records' code; lanes from 2 at tiny would send looped block 1 back into the lanes, which the records' code
+    runs outside them."""
+    assert lane_order_problem(11, RecurrenceConfig(loop_start=3, loop_end=5, num_loops=2), 8) is None
+    assert lane_order_problem(4, RecurrenceConfig(loop_start=1, loop_end=2, num_loops=2), 3) is None
+    problem = lane_order_problem(4, RecurrenceConfig(loop_start=1, loop_end=2, num_loops=2), 2)
+    assert problem is not None and "[2, 1, 2, 3]" in problem and "block(s) [1]" in problem
+    assert lane_order_problem(4, RecurrenceConfig(loop_start=1, loop_end=2), -1) is None

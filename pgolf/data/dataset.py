@@ -152,13 +152,17 @@ class DistributedTokenLoader:
     def __init__(self, stream: TokenStream, rank: int, world_size: int, device: torch.device) -> None:
         self.stream, self.rank, self.world_size, self.device = stream, rank, world_size, device
 
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int,
+                   packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of `seq_len` tokens, or with `packed` the rank's whole span as one row: the records' varlen
+        batches (#1530), where documents, not rows, bound attention and seq_len only caps a document's piece."""
         local_tokens = global_tokens // (self.world_size * grad_accum_steps)
         span = local_tokens + 1
         chunk = self.stream.take(span * self.world_size)
         local = torch.from_numpy(chunk[self.rank * span : (self.rank + 1) * span].astype(np.int64))
-        x = local[:-1].reshape(-1, seq_len)
-        y = local[1:].reshape(-1, seq_len)
+        row = local_tokens if packed else seq_len
+        x = local[:-1].reshape(-1, row)
+        y = local[1:].reshape(-1, row)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 

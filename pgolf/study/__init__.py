@@ -3,7 +3,8 @@
 One idea a module: `spec` (what to ablate: spec files and flags), `designs` (which arms a design
 runs), `plan` (every arm and seed resolved and keyed, nothing trained), `cache` (verified,
 content-addressed stage outputs), `jobs` (one stage output produced by the host's own stage
-functions), `scheduler` (workers, retries, records, the summary), `report` (the ablation table),
+functions), `scheduler` (workers, retries, records, the summary), `ray_executor` (the same jobs as
+Ray tasks on a cluster, the cache on shared storage), `report` (the ablation table),
 `html` (the same as one self-contained page), `budget` (what a study will run and cost before it
 starts, and when its verdicts are decided), `stats` (the significance tests), `judge` (a
 submission judged by the tests the maintainers printed), `submissions` (per-seed scores from

@@ -20,6 +20,9 @@ SHA-256. An entry counts as done only while it verifies against it, and the read
 (`read_bytes`, `read_json`, `path_verified`) return only content that matches it. An entry that
 does not verify (damaged, edited, truncated, or written by a pgolf without checksums) is
 reported in one line and renamed aside to `.corrupt-<key>-<time>`, so the stage is recomputed.
+
+On a Ray cluster the cache is on storage every node shares; what that filesystem must provide for
+these writes and checks to hold across nodes is listed in `pgolf.study.ray_executor`.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,11 @@ from pgolf.reporter import Reporter
 from pgolf.study.cache import CorruptCacheEntry, StageCache
 
 METRICS_FILE = "metrics.jsonl"  # in a train entry: training loss per logged step, as `pgolf run` writes it
+Log = Callable[[str], None]
+
+
+class JobLost(Exception):
+    """A job's worker died and its executor will not run it again: the job counts as failed."""
 
 
 @dataclass

@@ -51,8 +51,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_ablation(spec: AblationSpec) -> Plan:
-    """Resolve the recipe per arm and seed, and key every run's stages (nothing is trained here)."""
+def plan_ablation(spec: AblationSpec, device: str | None = None) -> Plan:
+    """Resolve the recipe per arm and seed, and key every run's stages (nothing is trained here).
+    `device`: the kind of device the jobs run on, when not this machine's (a Ray cluster's)."""
     recipe_path = Path(spec.recipe)
     overrides = spec.overrides()
     plain = load_recipe(recipe_path, overrides, scale=spec.scale, technique_check=technique_problems)
@@ -67,7 +68,7 @@ def plan_ablation(spec: AblationSpec) -> Plan:
              for t in spec.toggle if t not in in_recipe]
     baseline_on = tuple(in_recipe) if spec.baseline == "recipe" else ()
     arms = design_arms(spec.toggle, spec.design, baseline_on)
-    kind = device_kind()
+    kind = device or device_kind()
     base = full.to_dict()
     quiet = Reporter(quiet=True)
     datasets: dict[tuple, Any] = {}

@@ -17,7 +17,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,12 @@ from pgolf.study.budget import (
     survey,
 )
 from pgolf.study.cache import CorruptCacheEntry, StageCache
-from pgolf.study.jobs import Job, execute_job
+from pgolf.study.jobs import METRICS_FILE, Job, JobLost, Log, execute_job
 from pgolf.study.plan import Plan, PlannedRun, plan_ablation
 from pgolf.study.spec import AblationSpec, default_out_dir
+from pgolf.tracking import TRACKING_DIR, Tracking, run_info
 
 SUMMARY_FILE = "summary.json"
-Log = Callable[[str], None]
 
 
 def _die_with_parent() -> None:
@@ -79,10 +79,13 @@ def visible_gpus() -> list[str]:
 
 
 class WorkerPool:
-    """Spawned worker processes: each pinned to one GPU, or given its share of the CPU threads."""
+    """Spawned worker processes: each pinned to one GPU, or given its share of the CPU threads.
+
+    An executor: `submit` runs a job somewhere and returns a future of `execute_job`'s outcome;
+    `slots` jobs run at once (`pgolf.study.ray_executor.RayExecutor` is the other one)."""
 
     def __init__(self, workers: int, log: Log) -> None:
-        self.workers = workers
+        self.workers = self.slots = workers
         self.gpus = visible_gpus()
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.threads = max(1, cores // workers)
@@ -133,8 +136,9 @@ class Ablation:
     """Runs a plan: schedules the missing stage jobs, records runs as they finish, writes the summary."""
 
     def __init__(self, plan: Plan, out: Path, log: Log, retry_failed: bool = False,
-                 stop_when_decided: bool = False) -> None:
+                 stop_when_decided: bool = False, tracking: Tracking | None = None) -> None:
         self.plan, self.out, self.log, self.retry_failed = plan, out, log, retry_failed
+        self.tracking = tracking  # each recorded run is logged to it from its stored products
         self.stop_when_decided = stop_when_decided
         self.cache = StageCache(out / "cache", log=log)  # reports damaged entries it moves aside
         self.ran: dict[Stage, set[str]] = {s: set() for s in STAGES}
@@ -163,7 +167,8 @@ class Ablation:
                 deps[output.id] = output.after
         return jobs, deps
 
-    def run(self, workers: int) -> dict[str, Any]:
+    def run(self, workers: int, executor: Any = None) -> dict[str, Any]:
+        """Run the missing jobs in `workers` local processes, or on `executor` (a Ray cluster) when given."""
         removed = self.cache.remove_stale_temporaries()
         if removed:
             self.log(f"removed {removed} unfinished output(s) of an interrupted earlier invocation")
@@ -173,7 +178,7 @@ class Ablation:
         self.log(f"{len(self.plan.runs)} runs ({len(self.plan.arms)} arms x {len(self.plan.spec.seeds)} seeds): "
                  + ", ".join(f"{sum(1 for j in jobs if j[0] == s)} {s}" for s in STAGES) + " job(s) to do")
         self._finalize_ready()
-        self._schedule(jobs, deps, workers)
+        self._schedule(jobs, deps, workers, executor)
         if self.stopped is not None:
             self._record_skipped()
         summary = self.write_summary()
@@ -215,10 +220,11 @@ class Ablation:
             self.records[run.record_name] = record
             self.stopped["skipped"].append(run.label)
 
-    def _schedule(self, jobs: dict[tuple[Stage, str], Job], deps: dict[tuple[Stage, str], Any], workers: int) -> None:
+    def _schedule(self, jobs: dict[tuple[Stage, str], Job], deps: dict[tuple[Stage, str], Any], workers: int,
+                  executor: Any = None) -> None:
         pending = dict(jobs)
         order = {job_id: i for i, job_id in enumerate(jobs)}
-        pool = WorkerPool(workers, self.log) if workers > 1 and len(jobs) > 1 else None
+        pool = executor or (WorkerPool(workers, self.log) if workers > 1 and len(jobs) > 1 else None)
         running: dict[cf.Future, Job] = {}
         crashes: dict[tuple[Stage, str], int] = {}
         started = 0
@@ -235,7 +241,7 @@ class Ablation:
                     del pending[job_id]
                 ready = sorted((j for j in pending if deps[j] is None or self.cache.done(*deps[j])),
                                key=lambda j: (-STAGES.index(j[0]), order[j]))  # finish runs before starting new ones
-                capacity = (workers if pool else 1) - len(running)
+                capacity = (pool.slots if pool else 1) - len(running)
                 for job_id in ready[:capacity]:
                     job = pending.pop(job_id)
                     started += 1
@@ -256,14 +262,13 @@ class Ablation:
                     job = running.pop(future)
                     try:
                         self._job_done(job, future.result())
+                    except JobLost as lost:  # the executor retried it already
+                        self._job_lost(job, str(lost))
                     except cf.process.BrokenProcessPool:
                         broken = True
                         crashes[job.id] = crashes.get(job.id, 0) + 1
                         if crashes[job.id] > 1:  # it was running in two pools that died: blame it
-                            error = "its worker process died twice (killed, or out of memory)"
-                            self.cache.record_error(job.stage, job.key, {"stage": job.stage, "key": job.key,
-                                                                         "run": job.label, "error": error})
-                            self._job_done(job, {"ok": False, "error": error})
+                            self._job_lost(job, "its worker process died twice (killed, or out of memory)")
                         else:
                             pending[job.id] = job
                             started -= 1
@@ -278,8 +283,17 @@ class Ablation:
             if pool is not None:
                 pool.close()
 
+    def _job_lost(self, job: Job, error: str) -> None:
+        """A job whose worker kept dying: recorded in the cache as failed, like a job that raised."""
+        self.cache.record_error(job.stage, job.key, {"stage": job.stage, "key": job.key, "run": job.label,
+                                                     "error": error})
+        self._job_done(job, {"ok": False, "error": error})
+
     def _job_done(self, job: Job, outcome: dict[str, Any]) -> None:
-        if outcome["ok"]:
+        if outcome["ok"] and outcome["seconds"] is None:  # a retried job found its output made by the attempt that died
+            self.ran[job.stage].add(job.key)
+            self.log(f"    {job.stage} {job.label}: done (finished by an earlier attempt)")
+        elif outcome["ok"]:
             self.ran[job.stage].add(job.key)
             self.log(f"    {job.stage} {job.label}: done in {outcome['seconds']:.1f}s")
             self._record_seconds(job, outcome["seconds"])
@@ -342,9 +356,27 @@ class Ablation:
                 record.update(failed_stage=stage or "plan", error=error)
             write_json(self.out / "runs" / run.record_name, record)
             self.records[run.record_name] = record
+            self._track(run, record)
             changed = True
         if changed:
             self.write_summary()
+
+    def _track(self, run: PlannedRun, record: dict[str, Any]) -> None:
+        """Log a recorded run to the trackers, here in the parent: its recipe, its training's stored curve
+        (read verified; none for an entry trained before curves were kept) and its result."""
+        if self.tracking is None:
+            return
+        try:
+            metrics = b""
+            if run.keys is not None and record["status"] == "ok":
+                with contextlib.suppress(FileNotFoundError, CorruptCacheEntry):
+                    metrics = self.cache.read_bytes("train", run.keys.train, METRICS_FILE)
+            info = run_info(run.recipe, "ablate", f"{run.arm.slug}-seed{run.seed}",
+                            experiment=f"ablate-{self.out.name}", arm=run.arm.id, study=str(self.out))
+            key = f"{self.out.resolve()}/{run.record_name}@{run.keys.eval if run.keys else '-'}:{record['status']}"
+            self.tracking.log_stored(key, info, metrics, record.get("result"), ok=record["status"] == "ok")
+        except Exception as exc:  # tracking is a copy: the study goes on without it
+            self.log(f"warning: tracking {run.label} failed ({type(exc).__name__}: {exc})")
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Per stage: outputs produced by this invocation, and run uses of outputs that already existed."""
@@ -388,12 +420,28 @@ class Ablation:
         return summary
 
 
+@contextlib.contextmanager
+def cluster_for(spec: AblationSpec, log: Log) -> Iterator[Any]:
+    """The Ray cluster `executor: ray` names, connected for the block; None for local worker processes."""
+    if spec.executor != "ray":
+        yield None
+        return
+    from pgolf.study.ray_executor import RayCluster
+
+    cluster = RayCluster(spec.address, spec.workers, log)
+    try:
+        yield cluster
+    finally:
+        cluster.disconnect()
+
+
 def project_ablation(spec: AblationSpec, out: Path | None = None, *, retry_failed: bool = False,
-                     log: Log = print) -> tuple[Path, Plan, Projection]:
-    """Plan the study and project its cost from the verified cache; runs nothing and creates nothing."""
+                     log: Log = print, device_kind: str | None = None) -> tuple[Path, Plan, Projection]:
+    """Plan the study and project its cost from the verified cache; runs nothing and creates nothing.
+    `device_kind`: the device the jobs will run on, when not this machine's (a Ray cluster's)."""
     out = Path(out or spec.out or default_out_dir(spec))
     spec.out = str(out)
-    plan = plan_ablation(spec)
+    plan = plan_ablation(spec, device_kind)
     runs = seed_major(plan) if spec.stop_when_decided else plan.runs
     projection = project(plan, StageCache(out / "cache", log=log), out, retry_failed=retry_failed,
                          gpus_per_job=spec.gpus_per_job, gpu_hour_usd=spec.gpu_hour_usd, runs=runs)
@@ -401,12 +449,18 @@ def project_ablation(spec: AblationSpec, out: Path | None = None, *, retry_faile
 
 
 def run_ablation(spec: AblationSpec, out: Path | None = None, *, retry_failed: bool = False,
-                 log: Log = print) -> tuple[Path, dict[str, Any]]:
+                 log: Log = print, track: list[str] | tuple[str, ...] = (),
+                 track_dir: Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Plan, project the cost (refusing a study over spec.max_usd), run what is missing; return the
-    ablation directory and its summary."""
-    out, plan, projection = project_ablation(spec, out, retry_failed=retry_failed, log=log)
-    log(f"projected: {projection.headline()}")
-    check_budget(projection, spec.max_usd)
-    with exclusive(out):
-        summary = Ablation(plan, out, log, retry_failed, spec.stop_when_decided).run(spec.workers)
+    ablation directory and its summary. `track` names trackers each run is logged to (`pgolf.tracking`)."""
+    with cluster_for(spec, log) as cluster:
+        out, plan, projection = project_ablation(spec, out, retry_failed=retry_failed, log=log,
+                                                 device_kind=cluster.device_kind if cluster else None)
+        log(f"projected: {projection.headline()}")
+        check_budget(projection, spec.max_usd)
+        with exclusive(out):
+            tracking = Tracking.open(track, track_dir or out / TRACKING_DIR, log) if track else None
+            executor = cluster.executor(out, plan) if cluster else None
+            ablation = Ablation(plan, out, log, retry_failed, spec.stop_when_decided, tracking)
+            summary = ablation.run(spec.workers or 1, executor)
     return out, summary

@@ -12,6 +12,7 @@ from pgolf.errors import ConfigError
 from pgolf.recipe import RECIPES_DIR, flag_overrides, read_yaml
 
 Design = Literal["factorial", "one-at-a-time", "leave-one-out"]
+Executor = Literal["local", "ray"]
 BaselineMode = Literal["all-off", "recipe"]
 DEFAULT_SEEDS = (42, 314, 999)
 
@@ -25,7 +26,9 @@ class AblationSpec:
     seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
     design: Design = "factorial"
     baseline: BaselineMode = "all-off"
-    workers: int = 1
+    workers: int | None = None  # local: worker processes (default 1); ray: a cap on jobs in flight
+    executor: Executor = "local"  # local worker processes, or tasks on a Ray cluster (pgolf.study.ray_executor)
+    address: str | None = None  # the Ray cluster's head, HOST:PORT (default: RAY_ADDRESS, else a local cluster)
     out: str | None = None
     scale: str | None = None
     data: str | None = None
@@ -49,8 +52,10 @@ class AblationSpec:
             problems.append(("seeds", "give at least one seed (three is the leaderboard's norm)"))
         elif len(set(self.seeds)) != len(self.seeds):
             problems.append(("seeds", "a seed is listed twice; every launched seed counts once"))
-        if self.workers < 1:
+        if self.workers is not None and self.workers < 1:
             problems.append(("workers", "workers must be at least 1"))
+        if self.address is not None and self.executor != "ray":
+            problems.append(("address", "address names a Ray cluster: it needs executor: ray (--executor ray)"))
         if self.gpus_per_job < 1:
             problems.append(("gpus_per_job", "gpus_per_job must be at least 1 (pgolf ablate runs each job on one GPU)"))
         if self.gpu_hour_usd is not None and not self.gpu_hour_usd >= 0:
